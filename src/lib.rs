@@ -1,0 +1,3 @@
+//! Warren: an AMQP 0-9-1 broker.
+pub mod message;
+pub mod queue;

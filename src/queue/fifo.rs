@@ -1,0 +1,1 @@
+//! The quorum queue as a pure state machine.
