@@ -65,5 +65,7 @@
 //     /// Route a publish: appends queue names (deduplicated) to `out`.
 //     /// 404 if the exchange does not exist; does not check `internal` (the channel does).
 //     pub fn route(&self, vhost: &str, exchange: &str, routing_key: &str,
-//                  headers: Option<&FieldTable>, out: &mut Vec<Arc<str>>) -> Result<(), BrokerError>;
+//                  raw_properties: &[u8], out: &mut Vec<Arc<str>>) -> Result<(), BrokerError>;
+//     // raw_properties is Message::raw_properties; decode headers from it (crate::message::decode_properties)
+//     // only when a headers exchange is on the route, so other publishes never pay for it.
 // }
