@@ -98,18 +98,15 @@ pub fn decode_properties(raw: &[u8]) -> Option<BasicProperties> {
 /// Encodes a property list (flags + properties) as it appears in a content
 /// header frame.
 pub fn encode_properties(properties: &BasicProperties) -> Bytes {
-    let mut out = Vec::with_capacity(64);
-    // Encoding into a Vec cannot fail: the writer grows as needed.
-    if cookie_factory::gen(
+    // Encoding into a Vec cannot fail: the writer grows as needed. Should it
+    // ever fail, an empty property list (flags 0) is still a valid header.
+    match cookie_factory::r#gen(
         amq_protocol::protocol::basic::gen_properties(properties),
-        &mut out,
-    )
-    .is_err()
-    {
-        out.clear();
-        out.extend_from_slice(&[0, 0]);
+        Vec::with_capacity(64),
+    ) {
+        Ok((out, _)) => Bytes::from(out),
+        Err(_) => Bytes::from_static(&[0, 0]),
     }
-    Bytes::from(out)
 }
 
 /// Reads an integer-valued table entry the way RabbitMQ does: any integer type.

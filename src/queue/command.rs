@@ -148,7 +148,10 @@ pub enum Effect {
     /// Publish `msg` to the queue's dead-letter exchange (the shell adds
     /// `x-death` and knows the exchange and routing key from the config).
     /// Only produced when the queue has a dead-letter exchange.
-    DeadLetter { msg: Message, reason: DeadLetterReason },
+    DeadLetter {
+        msg: Message,
+        reason: DeadLetterReason,
+    },
     /// Answer to [`Command::Purge`].
     Purged { count: u64 },
     /// `x-expires` ran out: the shell deletes the queue.
