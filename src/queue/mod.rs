@@ -12,3 +12,4 @@
 pub mod command;
 pub mod config;
 pub mod fifo;
+pub mod runner;

@@ -1,0 +1,148 @@
+//! The admin HTTP API (axum): health checks, Prometheus metrics, and read
+//! endpoints shaped like RabbitMQ's management API.
+
+use crate::node::Node;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Json};
+use axum::routing::{get, put};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/aliveness", get(alive))
+        .route("/api/overview", get(overview))
+        .route("/api/queues", get(queues))
+        .route("/api/vm-memory-high-watermark", put(set_watermark))
+        .route("/metrics", get(metrics))
+        .with_state(node)
+}
+
+async fn alive() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn alarms(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    if *node.alarm.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "reason": "memory alarm in effect"})),
+        )
+    } else {
+        (StatusCode::OK, Json(json!({"status": "ok"})))
+    }
+}
+
+/// Body of `PUT /api/vm-memory-high-watermark`: one of the two.
+#[derive(serde::Deserialize)]
+struct Watermark {
+    fraction: Option<f64>,
+    bytes: Option<u64>,
+}
+
+/// Changes the memory high watermark at run time, like
+/// `rabbitmqctl set_vm_memory_high_watermark`.
+async fn set_watermark(State(node): State<Arc<Node>>, Json(w): Json<Watermark>) -> impl IntoResponse {
+    let limit = match (w.fraction, w.bytes) {
+        (Some(f), None) if f > 0.0 && f <= 1.0 => crate::server::fraction_of_memory(f),
+        (None, Some(b)) => b,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "bad_request", "reason": "give either 'fraction' in (0, 1] or 'bytes'"})),
+            )
+                .into_response();
+        }
+    };
+    node.memory_limit.store(limit, Ordering::Relaxed);
+    tracing::info!(limit, "memory high watermark changed");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn overview(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let queues = node.all_queues();
+    let ready: u64 = queues.iter().map(|q| q.stats.ready.load(Ordering::Relaxed)).sum();
+    let unacked: u64 = queues.iter().map(|q| q.stats.unacked.load(Ordering::Relaxed)).sum();
+    Json(json!({
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "node": format!("warren@{}", node.config.node_id),
+        "queue_totals": {"messages": ready + unacked, "messages_ready": ready, "messages_unacknowledged": unacked},
+        "object_totals": {
+            "queues": queues.len(),
+            "connections": node.metrics.connections.get(),
+            "channels": node.metrics.channels.get(),
+        },
+    }))
+}
+
+async fn queues(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let list: Vec<_> = node
+        .all_queues()
+        .iter()
+        .map(|q| {
+            let s = &q.stats;
+            let ready = s.ready.load(Ordering::Relaxed);
+            let unacked = s.unacked.load(Ordering::Relaxed);
+            json!({
+                "name": &*q.name,
+                "vhost": &*q.vhost,
+                "type": if q.config.quorum { "quorum" } else { "classic" },
+                "messages": ready + unacked,
+                "messages_ready": ready,
+                "messages_unacknowledged": unacked,
+                "message_bytes_ready": s.ready_bytes.load(Ordering::Relaxed),
+                "consumers": s.consumers.load(Ordering::Relaxed),
+                "node": format!("warren@{}", node.config.node_id),
+            })
+        })
+        .collect();
+    Json(list)
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &node.metrics.registry).is_err() {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed".to_owned()).into_response();
+    }
+    // The registry's text ends with OpenMetrics' EOF marker, which must stay last.
+    if let Some(stripped) = text.strip_suffix("# EOF\n") {
+        text.truncate(stripped.len());
+    }
+    // Per-queue gauges, with RabbitMQ's names and labels.
+    let queues = node.all_queues();
+    for (name, help, pick) in [
+        ("rabbitmq_queue_messages_ready", "Messages ready to be delivered", 0),
+        ("rabbitmq_queue_messages_unacked", "Messages delivered and not yet acknowledged", 1),
+        ("rabbitmq_queue_consumers", "Consumers on a queue", 2),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for q in &queues {
+            let v = match pick {
+                0 => q.stats.ready.load(Ordering::Relaxed),
+                1 => q.stats.unacked.load(Ordering::Relaxed),
+                _ => q.stats.consumers.load(Ordering::Relaxed),
+            };
+            text.push_str(&format!(
+                "{name}{{vhost=\"{}\",queue=\"{}\"}} {v}\n",
+                escape_label(&q.vhost),
+                escape_label(&q.name)
+            ));
+        }
+    }
+    text.push_str("# EOF\n");
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

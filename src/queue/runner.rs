@@ -1,0 +1,321 @@
+//! The I/O shell around one queue's state machine on this node.
+//!
+//! A runner is a task that owns a [`QueueState`], applies the commands sent
+//! to it in arrival order, and carries out the effects: deliveries and
+//! confirms go to the owning channel's connection, replies (get, purge) go
+//! back to the caller, dead letters are republished through the node, and an
+//! expired or auto-deleted queue asks the node to delete it. The inbox is
+//! bounded, so a publisher that outruns a queue waits on `send`, which stops
+//! its connection reading from the socket: TCP backpressure, with no
+//! per-publisher state kept in the queue.
+
+use super::command::{Command, ConsumerSpec, Effect, OwnerId, QueueCounts};
+use super::config::QueueConfig;
+use super::fifo::QueueState;
+use crate::node::{ChannelEvent, Node};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands waiting for a queue. A full inbox makes publishers wait.
+pub const INBOX_CAPACITY: usize = 1024;
+/// Commands applied before the runner yields to carry out effects.
+const BATCH: usize = 256;
+
+/// Requests a runner serves.
+pub enum Request {
+    /// Apply a command. `reply` receives the reply effects (get-ok,
+    /// get-empty, purged).
+    Apply(Command, Option<oneshot::Sender<Vec<Effect>>>),
+    /// Register a consumer, refusing it if an exclusive consumer is there or
+    /// it asks for exclusivity while others are.
+    Consume {
+        spec: ConsumerSpec,
+        exclusive: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Current counts.
+    Counts(oneshot::Sender<QueueCounts>),
+    /// The queue was deleted: cancel every consumer and stop.
+    Stop,
+}
+
+/// Counts published by the runner after every batch, read by the admin API
+/// and metrics without a round trip to the task.
+#[derive(Default)]
+pub struct QueueStats {
+    pub ready: AtomicU64,
+    pub unacked: AtomicU64,
+    pub consumers: AtomicU64,
+    pub ready_bytes: AtomicU64,
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+}
+
+/// How the rest of the node reaches a queue.
+#[derive(Clone)]
+pub struct QueueHandle {
+    pub vhost: Arc<str>,
+    pub name: Arc<str>,
+    pub config: Arc<QueueConfig>,
+    pub stats: Arc<QueueStats>,
+    tx: mpsc::Sender<Request>,
+}
+
+impl QueueHandle {
+    /// Sends a request, waiting for room in the inbox. Fails only when the
+    /// queue has stopped (it was deleted meanwhile).
+    pub async fn send(&self, r: Request) -> Result<(), ()> {
+        self.tx.send(r).await.map_err(|_| ())
+    }
+
+    /// Sends without waiting; used where waiting could deadlock (a queue
+    /// dead-lettering into another queue).
+    pub fn try_send(&self, r: Request) -> Result<(), Request> {
+        self.tx.try_send(r).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+        })
+    }
+
+    /// Applies a command and waits for its reply effects.
+    pub async fn call(&self, cmd: Command) -> Option<Vec<Effect>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Request::Apply(cmd, Some(tx))).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn counts(&self) -> Option<QueueCounts> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Request::Counts(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// Starts a runner for a queue that was just declared.
+pub fn spawn(
+    node: Arc<Node>,
+    vhost: Arc<str>,
+    name: Arc<str>,
+    config: QueueConfig,
+    auto_delete: bool,
+) -> QueueHandle {
+    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let config = Arc::new(config);
+    let handle = QueueHandle {
+        vhost,
+        name,
+        config: config.clone(),
+        stats: Arc::new(QueueStats::default()),
+        tx,
+    };
+    let runner = Runner {
+        node,
+        handle: handle.clone(),
+        state: QueueState::new((*config).clone(), crate::node::now_ms()),
+        auto_delete,
+        had_consumer: false,
+        exclusive_consumer: None,
+    };
+    tokio::spawn(runner.run(rx));
+    handle
+}
+
+struct Runner {
+    node: Arc<Node>,
+    handle: QueueHandle,
+    state: QueueState,
+    auto_delete: bool,
+    /// Auto-delete applies only once a consumer has come and gone.
+    had_consumer: bool,
+    exclusive_consumer: Option<(OwnerId, Arc<str>)>,
+}
+
+impl Runner {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let deadline = self.state.next_deadline();
+            let received = match deadline {
+                Some(at) => {
+                    let wait = at.saturating_sub(crate::node::now_ms());
+                    tokio::select! {
+                        n = rx.recv_many(&mut batch, BATCH) => n,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {
+                            let effects = self.state.apply(Command::Tick { now_ms: crate::node::now_ms() });
+                            if self.carry_out(effects, None) { break; }
+                            self.publish_stats();
+                            continue;
+                        }
+                    }
+                }
+                None => rx.recv_many(&mut batch, BATCH).await,
+            };
+            if received == 0 {
+                break;
+            }
+            let mut stop = false;
+            for req in batch.drain(..) {
+                if self.serve(req) {
+                    stop = true;
+                    break;
+                }
+            }
+            self.publish_stats();
+            if stop {
+                break;
+            }
+            if self.auto_delete && self.had_consumer && self.state.counts().consumers == 0 {
+                self.node.delete_queue_later(&self.handle.vhost, &self.handle.name);
+                self.auto_delete = false;
+            }
+        }
+        self.cancel_all_consumers();
+    }
+
+    /// Returns true when the runner must stop.
+    fn serve(&mut self, req: Request) -> bool {
+        match req {
+            Request::Apply(cmd, reply) => {
+                if let Command::Cancel { owner, tag, .. } = &cmd {
+                    if self
+                        .exclusive_consumer
+                        .as_ref()
+                        .is_some_and(|(o, t)| o == owner && t == tag)
+                    {
+                        self.exclusive_consumer = None;
+                    }
+                }
+                if let Command::OwnerDown { owner, .. } = &cmd {
+                    if self.exclusive_consumer.as_ref().is_some_and(|(o, _)| o == owner) {
+                        self.exclusive_consumer = None;
+                    }
+                }
+                if matches!(cmd, Command::Enqueue { .. }) {
+                    self.handle.stats.published.fetch_add(1, Ordering::Relaxed);
+                }
+                let effects = self.state.apply(cmd);
+                self.carry_out(effects, reply)
+            }
+            Request::Consume {
+                spec,
+                exclusive,
+                reply,
+            } => {
+                let consumers = self.state.counts().consumers;
+                if self.exclusive_consumer.is_some() || (exclusive && consumers > 0) {
+                    let _ = reply.send(Err(format!(
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        self.handle.name, self.handle.vhost
+                    )));
+                    return false;
+                }
+                if exclusive {
+                    self.exclusive_consumer = Some((spec.owner, spec.tag.clone()));
+                }
+                self.had_consumer = true;
+                // The reply goes first so that consume-ok precedes deliveries.
+                let _ = reply.send(Ok(()));
+                let effects = self.state.apply(Command::Consume {
+                    spec,
+                    now_ms: crate::node::now_ms(),
+                });
+                self.carry_out(effects, None)
+            }
+            Request::Counts(reply) => {
+                let _ = reply.send(self.state.counts());
+                false
+            }
+            Request::Stop => true,
+        }
+    }
+
+    /// Carries out effects; returns true when the queue must stop.
+    fn carry_out(&mut self, effects: Vec<Effect>, reply: Option<oneshot::Sender<Vec<Effect>>>) -> bool {
+        let mut replies = Vec::new();
+        let mut gone_owners = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Deliver {
+                    owner,
+                    tag,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                } => {
+                    self.handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    let ev = ChannelEvent::Deliver {
+                        queue: self.handle.name.clone(),
+                        tag,
+                        id,
+                        msg,
+                        redelivered,
+                        delivery_count,
+                    };
+                    if !self.node.send_to_owner(owner, ev) {
+                        gone_owners.push(owner);
+                    }
+                }
+                Effect::Confirm { confirm, accepted } => {
+                    self.node.send_to_owner(
+                        confirm.owner,
+                        ChannelEvent::Confirm {
+                            seq: confirm.seq,
+                            accepted,
+                        },
+                    );
+                }
+                Effect::DeadLetter { msg, reason } => {
+                    self.node
+                        .dead_letter(&self.handle.vhost, &self.handle.name, &self.handle.config, msg, reason);
+                }
+                Effect::Expired => {
+                    self.node.delete_queue_later(&self.handle.vhost, &self.handle.name);
+                }
+                e @ (Effect::GetOk { .. } | Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
+                    replies.push(e);
+                }
+            }
+        }
+        if let Some(r) = reply {
+            let _ = r.send(replies);
+        }
+        // A delivery to a channel that has gone away goes back to the queue
+        // at once rather than waiting for the channel's cleanup.
+        gone_owners.sort_unstable();
+        gone_owners.dedup();
+        for owner in gone_owners {
+            let effects = self.state.apply(Command::OwnerDown {
+                owner,
+                now_ms: crate::node::now_ms(),
+            });
+            if self.carry_out(effects, None) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn publish_stats(&self) {
+        let c = self.state.counts();
+        let s = &self.handle.stats;
+        s.ready.store(c.ready, Ordering::Relaxed);
+        s.unacked.store(c.unacked, Ordering::Relaxed);
+        s.consumers.store(c.consumers, Ordering::Relaxed);
+        s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
+    }
+
+    /// Tells every consumer's channel that the queue is gone
+    /// (consumer cancel notification).
+    fn cancel_all_consumers(&mut self) {
+        for (owner, tag) in self.state.consumers() {
+            self.node
+                .send_to_owner(owner, ChannelEvent::ConsumerCancelled { tag });
+        }
+        self.handle.stats.consumers.store(0, Ordering::Relaxed);
+    }
+}

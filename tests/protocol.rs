@@ -1,0 +1,246 @@
+//! The wire, seen by a client that misbehaves: bad headers, garbage,
+//! truncated and oversized frames, frames on unopened channels, silent
+//! clients. Each gets the reply code the spec names, and other clients are
+//! not disturbed.
+
+mod common;
+
+use amq_protocol::protocol::{AMQPClass, basic, channel as chan, connection as conn};
+use common::{Got, Raw, Server};
+use std::time::{Duration, Instant};
+use warren::amqp::frame::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, PROTOCOL_HEADER};
+
+fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![kind];
+    b.extend_from_slice(&channel.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    b.push(FRAME_END);
+    b
+}
+
+/// A fresh client can still do a full round trip.
+fn assert_server_healthy(server: &Server) {
+    let mut r = Raw::handshake(server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
+        reply_code: 200,
+        reply_text: "bye".into(),
+        class_id: 0,
+        method_id: 0,
+    })));
+    assert!(matches!(r.recv_method(), Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))));
+}
+
+#[test]
+fn a_wrong_protocol_header_is_answered_with_warrens_and_closed() {
+    let server = Server::start();
+    let mut r = Raw::connect(&server);
+    r.send(b"AMQP\x01\x01\x00\x0a");
+    match r.recv() {
+        Got::Bytes(b) => assert_eq!(&b[..], PROTOCOL_HEADER),
+        other => panic!("expected the protocol header, got {other:?}"),
+    }
+    assert!(matches!(r.recv(), Got::Eof));
+    let mut r = Raw::connect(&server);
+    r.send(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(matches!(r.recv(), Got::Bytes(_)));
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn an_oversized_frame_closes_the_connection_with_501() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    let mut big = vec![FRAME_BODY, 0, 1];
+    big.extend_from_slice(&(10_000_000u32).to_be_bytes());
+    r.send(&big);
+    assert_eq!(r.expect_connection_close(), 501);
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn garbage_after_the_handshake_closes_the_connection_with_a_frame_error() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.send(&[0x42; 64]);
+    assert_eq!(r.expect_connection_close(), 501);
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn a_bad_frame_end_closes_the_connection_with_501() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    let mut f = frame(FRAME_METHOD, 0, &[0, 10, 0, 51]);
+    let n = f.len();
+    f[n - 1] = 0x00;
+    r.send(&f);
+    assert_eq!(r.expect_connection_close(), 501);
+}
+
+#[test]
+fn an_unknown_method_closes_the_connection_with_503() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send(&frame(FRAME_METHOD, 1, &[0, 60, 0, 99]));
+    assert_eq!(r.expect_connection_close(), 503);
+}
+
+#[test]
+fn truncated_method_arguments_close_the_connection_with_502() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    // queue.declare whose queue name claims 200 bytes but has 3.
+    r.send(&frame(FRAME_METHOD, 1, &[0, 50, 0, 10, 0, 0, 200, b'a', b'b', b'c']));
+    assert_eq!(r.expect_connection_close(), 502);
+}
+
+#[test]
+fn a_frame_on_an_unopened_channel_closes_the_connection_with_504() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.send_method(
+        7,
+        &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_size: 0,
+            prefetch_count: 1,
+            global: false,
+        })),
+    );
+    assert_eq!(r.expect_connection_close(), 504);
+}
+
+#[test]
+fn a_content_frame_without_a_publish_closes_the_connection_with_505() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send(&frame(FRAME_BODY, 1, b"stray body"));
+    assert_eq!(r.expect_connection_close(), 505);
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send(&frame(FRAME_HEADER, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]));
+    assert_eq!(r.expect_connection_close(), 505);
+}
+
+#[test]
+fn a_method_where_a_content_header_is_due_closes_the_connection_with_505() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: "".into(),
+            routing_key: "nowhere".into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Flow(chan::Flow { active: true })));
+    assert_eq!(r.expect_connection_close(), 505);
+}
+
+#[test]
+fn a_truncated_frame_followed_by_a_hangup_leaves_the_server_serving() {
+    let server = Server::start();
+    {
+        let mut r = Raw::handshake(&server, 0, &[]);
+        r.open_channel(1);
+        let f = frame(FRAME_METHOD, 1, &[0, 50, 0, 10, 0, 0, 1, b'q', 0, 0, 0, 0, 0, 0]);
+        r.send(&f[..f.len() / 2]);
+    }
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn a_client_that_never_sends_the_header_is_closed_after_the_handshake_timeout() {
+    let server = Server::start_with(&["--handshake-timeout-ms", "300"]);
+    let mut r = Raw::connect(&server);
+    let started = Instant::now();
+    assert!(matches!(r.recv(), Got::Eof));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
+    assert!(server.wait_for_log("handshake timeout", Duration::from_secs(5)));
+    let lines: Vec<_> = server.log().into_iter().filter(|l| l.contains("handshake timeout")).collect();
+    assert_eq!(lines.len(), 1, "logged once: {lines:?}");
+    assert!(lines[0].contains("127.0.0.1"), "the line names the peer: {}", lines[0]);
+}
+
+#[test]
+fn a_probe_that_connects_and_hangs_up_is_not_logged_above_debug() {
+    let server = Server::start();
+    for _ in 0..20 {
+        drop(std::net::TcpStream::connect(server.amqp).unwrap());
+    }
+    assert_server_healthy(&server);
+    let noisy: Vec<_> = server
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("probe"))
+        .collect();
+    assert!(noisy.is_empty(), "probes were logged: {noisy:?}");
+}
+
+#[test]
+fn a_silent_client_is_disconnected_after_two_heartbeat_intervals() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 1, &[]);
+    let started = Instant::now();
+    // The server sends heartbeats; the client never answers.
+    let mut heartbeats = 0;
+    loop {
+        match r.recv() {
+            Got::Frame(warren::amqp::frame::Frame::Heartbeat) => heartbeats += 1,
+            Got::Eof => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let waited = started.elapsed();
+    assert!(heartbeats >= 1, "the server sent no heartbeat");
+    assert!(waited >= Duration::from_millis(1900), "closed after {waited:?}, before two intervals");
+    assert!(waited < Duration::from_secs(6), "closed only after {waited:?}");
+}
+
+#[test]
+fn wrong_credentials_are_refused_with_403() {
+    let server = Server::start();
+    let mut r = Raw::connect(&server);
+    r.send(PROTOCOL_HEADER);
+    let Some(AMQPClass::Connection(conn::AMQPMethod::Start(s))) = r.recv_method() else {
+        panic!("expected start")
+    };
+    let mechs = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
+    assert!(mechs.contains("PLAIN") && mechs.contains("AMQPLAIN"), "{mechs}");
+    r.send_method(
+        0,
+        &AMQPClass::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: b"\0guest\0wrong".to_vec().into(),
+            locale: "en_US".into(),
+        })),
+    );
+    assert_eq!(r.expect_connection_close(), 403);
+}
+
+#[test]
+fn channel_numbers_above_channel_max_are_refused() {
+    let server = Server::start_with(&["--channel-max", "10"]);
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.send_method(11, &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})));
+    assert_eq!(r.expect_connection_close(), 504);
+}
+
+#[test]
+fn a_second_channel_open_on_the_same_channel_is_a_channel_error() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})));
+    assert_eq!(r.expect_connection_close(), 504);
+}
