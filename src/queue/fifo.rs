@@ -1,1 +1,1579 @@
 //! The quorum queue as a pure state machine.
+//!
+//! [`QueueState::apply`] takes a [`Command`] and returns the [`Effect`]s it
+//! causes, touching no socket, disk or clock: time arrives inside commands.
+//! Every map here is ordered (`BTreeMap`), so two replicas that apply the same
+//! commands hold the same state and emit the same effects in the same order,
+//! which is what lets a Raft log drive one copy per node.
+//!
+//! The model follows RabbitMQ's `rabbit_fifo`:
+//! - ready messages are ordered by priority (highest first), then by id, and
+//!   a returned message goes back to the place its id gives it;
+//! - consumers take messages while they have credit (prefetch), the highest
+//!   priority first and round-robin among equals;
+//! - message TTL is enforced at the head of each priority level only, so
+//!   expiry never needs a scan of the whole queue.
+//!
+//! Bounds: the number of ready messages is limited only by `x-max-length`
+//! and `x-max-length-bytes` (memory limits are the broker's business). Each
+//! command does work proportional to the messages it moves plus the number
+//! of consumers and priority levels (at most 256), never a scan of the queue,
+//! except `OwnerDown` and `Purge`, which touch that owner's unacknowledged
+//! messages and every ready message respectively.
+
+use super::command::{
+    Command, ConfirmRef, ConsumerSpec, DeadLetterReason, Effect, MsgId, OwnerId, QueueCounts,
+};
+use super::config::{Overflow, QueueConfig};
+use crate::message::Message;
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+/// Position of a ready message: higher priority first, then FIFO by id. A
+/// returned message keeps its id and so returns to its original place.
+type ReadyKey = (Reverse<u8>, MsgId);
+
+/// Identifies one consumer registration. Never reused, so an unacknowledged
+/// message of a cancelled consumer cannot be counted against a later consumer
+/// that happens to reuse the same tag.
+type ConsumerSerial = u64;
+
+/// A message held by the queue, ready or unacknowledged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Stored {
+    msg: Message,
+    /// Times the message was returned to the queue (nack/reject with
+    /// requeue, or its owner went down).
+    delivery_count: u32,
+    /// Delivered before: the next delivery carries `redelivered = true`.
+    redelivered: bool,
+    /// When the message expires (ms), from `x-message-ttl` and `expiration`.
+    expires_at: Option<u64>,
+}
+
+impl Stored {
+    fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now_ms)
+    }
+
+    fn key(&self, id: MsgId) -> ReadyKey {
+        (Reverse(self.msg.priority), id)
+    }
+}
+
+/// A message delivered and not yet settled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Unacked {
+    owner: OwnerId,
+    /// The consumer it was delivered to; `None` for `basic.get`.
+    consumer: Option<ConsumerSerial>,
+    stored: Stored,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Consumer {
+    spec: ConsumerSpec,
+    /// Unacknowledged deliveries made to this consumer.
+    in_flight: u32,
+    /// Place in the round-robin among consumers of equal priority.
+    turn: u64,
+}
+
+impl Consumer {
+    fn has_credit(&self) -> bool {
+        // no_ack deliveries are settled at once, so prefetch never binds them
+        // (RabbitMQ ignores basic.qos for no-ack consumers too).
+        self.spec.no_ack || self.spec.prefetch == 0 || self.in_flight < self.spec.prefetch
+    }
+
+    fn service_key(&self) -> (Reverse<i32>, u64) {
+        (Reverse(self.spec.priority), self.turn)
+    }
+}
+
+/// One queue's complete state. Cloneable and serialisable so that it can be
+/// snapshotted and compared between replicas.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueState {
+    config: QueueConfig,
+    /// Id for the next enqueued message; ids start at 1.
+    next_id: MsgId,
+    ready: BTreeMap<ReadyKey, Stored>,
+    /// Sum of the body sizes in `ready`.
+    ready_bytes: u64,
+    unacked: BTreeMap<MsgId, Unacked>,
+    consumers: BTreeMap<ConsumerSerial, Consumer>,
+    /// `(owner, tag)` to consumer, for Cancel, OwnerDown and `has_consumer`.
+    consumer_index: BTreeMap<OwnerId, BTreeMap<Arc<str>, ConsumerSerial>>,
+    /// Consumers in the order they are offered messages: priority
+    /// descending, then least recently served.
+    service_order: BTreeMap<(Reverse<i32>, u64), ConsumerSerial>,
+    next_serial: ConsumerSerial,
+    next_turn: u64,
+    /// With single active consumer: the one that receives.
+    active: Option<ConsumerSerial>,
+    /// The latest time seen in any command. Commands without a time (Settle,
+    /// Purge) use it, and time never runs backwards even when proposers'
+    /// clocks disagree.
+    clock_ms: u64,
+    /// Last use for `x-expires`.
+    last_used_ms: u64,
+    /// `Effect::Expired` was emitted; it is emitted only once.
+    expired: bool,
+}
+
+impl QueueState {
+    /// An empty queue. `now_ms` starts the `x-expires` countdown.
+    pub fn new(config: QueueConfig, now_ms: u64) -> Self {
+        QueueState {
+            config,
+            next_id: 1,
+            ready: BTreeMap::new(),
+            ready_bytes: 0,
+            unacked: BTreeMap::new(),
+            consumers: BTreeMap::new(),
+            consumer_index: BTreeMap::new(),
+            service_order: BTreeMap::new(),
+            next_serial: 1,
+            next_turn: 0,
+            active: None,
+            clock_ms: now_ms,
+            last_used_ms: now_ms,
+            expired: false,
+        }
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Applies one command and returns every effect it causes, in order.
+    /// After any command, ready messages are delivered as far as consumer
+    /// credit allows.
+    pub fn apply(&mut self, cmd: Command) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match cmd {
+            Command::Enqueue {
+                msg,
+                confirm,
+                now_ms,
+            } => {
+                self.advance(now_ms);
+                self.enqueue(msg, confirm, &mut fx);
+            }
+            Command::Consume { spec, now_ms } => {
+                self.advance(now_ms);
+                self.touch();
+                self.add_consumer(spec);
+            }
+            Command::Cancel { owner, tag, now_ms } => {
+                self.advance(now_ms);
+                self.touch();
+                if let Some(serial) = self.find_consumer(owner, &tag) {
+                    self.remove_consumer(serial);
+                }
+            }
+            Command::Settle { owner, ids } => {
+                for id in ids {
+                    self.take_unacked(owner, id);
+                }
+            }
+            Command::Return { owner, ids, now_ms } => {
+                self.advance(now_ms);
+                for id in ids {
+                    if let Some(u) = self.take_unacked(owner, id) {
+                        self.requeue(id, u.stored, &mut fx);
+                    }
+                }
+            }
+            Command::Discard { owner, ids, now_ms } => {
+                self.advance(now_ms);
+                for id in ids {
+                    if let Some(u) = self.take_unacked(owner, id) {
+                        self.dead_letter(u.stored.msg, DeadLetterReason::Rejected, &mut fx);
+                    }
+                }
+            }
+            Command::Get {
+                owner,
+                no_ack,
+                now_ms,
+            } => {
+                self.advance(now_ms);
+                self.touch();
+                self.get(owner, no_ack, &mut fx);
+            }
+            Command::Purge => {
+                let count = self.ready.len() as u64;
+                self.ready.clear();
+                self.ready_bytes = 0;
+                fx.push(Effect::Purged { count });
+            }
+            Command::OwnerDown { owner, now_ms } => {
+                self.advance(now_ms);
+                self.owner_down(owner, &mut fx);
+            }
+            Command::Touch { now_ms } => {
+                self.advance(now_ms);
+                self.touch();
+            }
+            Command::Tick { now_ms } => {
+                self.advance(now_ms);
+                self.expire_heads(&mut fx);
+                self.check_queue_expiry(&mut fx);
+            }
+        }
+        self.deliver(None, &mut fx);
+        self.assert_invariants();
+        fx
+    }
+
+    /// Counts for `queue.declare-ok`, the admin API and metrics. Expired
+    /// messages not yet removed from a head are still counted.
+    pub fn counts(&self) -> QueueCounts {
+        QueueCounts {
+            ready: self.ready.len() as u64,
+            unacked: self.unacked.len() as u64,
+            ready_bytes: self.ready_bytes,
+            consumers: self.consumers.len() as u64,
+        }
+    }
+
+    /// Earliest time (ms) at which a Tick would do something: a message at
+    /// the head of its priority level expiring, or the queue's `x-expires`.
+    /// `None` if nothing is pending. The shell schedules its timer from this.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut deadline: Option<u64> = None;
+        let mut from = Bound::Unbounded;
+        while let Some((&key, stored)) = self.ready.range((from, Bound::Unbounded)).next() {
+            if let Some(t) = stored.expires_at {
+                deadline = Some(deadline.map_or(t, |d| d.min(t)));
+            }
+            from = Bound::Excluded(level_end(key));
+        }
+        if let Some(t) = self.queue_expiry_time() {
+            deadline = Some(deadline.map_or(t, |d| d.min(t)));
+        }
+        deadline
+    }
+
+    /// Whether `(owner, tag)` is a registered consumer (the channel checks
+    /// this before refusing a reused consumer tag).
+    pub fn has_consumer(&self, owner: OwnerId, tag: &str) -> bool {
+        self.find_consumer(owner, tag).is_some()
+    }
+
+    fn advance(&mut self, now_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+    }
+
+    fn touch(&mut self) {
+        self.last_used_ms = self.clock_ms;
+    }
+
+    fn enqueue(&mut self, msg: Message, confirm: Option<ConfirmRef>, fx: &mut Vec<Effect>) {
+        // Expired heads must not count against the length limits.
+        self.expire_heads(fx);
+        if self.would_overflow(&msg) {
+            match self.config.overflow {
+                // Accepted; the head is trimmed after delivery below.
+                Overflow::DropHead => {}
+                Overflow::RejectPublish => {
+                    confirm_effect(confirm, false, fx);
+                    return;
+                }
+                Overflow::RejectPublishDlx => {
+                    confirm_effect(confirm, false, fx);
+                    self.dead_letter(msg, DeadLetterReason::MaxLen, fx);
+                    return;
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let ttl = match (self.config.message_ttl_ms, msg.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let stored = Stored {
+            expires_at: ttl.map(|t| self.clock_ms.saturating_add(t)),
+            msg,
+            delivery_count: 0,
+            redelivered: false,
+        };
+        self.insert_ready(id, stored);
+        confirm_effect(confirm, true, fx);
+        // A message with TTL 0 may still go straight to a waiting consumer
+        // (RabbitMQ semantics); if it stays, it expires right after.
+        self.deliver(Some(id), fx);
+        self.expire_heads(fx);
+        if self.config.overflow == Overflow::DropHead {
+            self.trim_to_limits(fx);
+        }
+    }
+
+    /// Whether one more ready message would exceed a length limit.
+    fn would_overflow(&self, msg: &Message) -> bool {
+        let len = self.ready.len() as u64;
+        let over_count = self.config.max_length.is_some_and(|m| len + 1 > m);
+        let over_bytes = self
+            .config
+            .max_length_bytes
+            .is_some_and(|m| self.ready_bytes.saturating_add(msg.body_len()) > m);
+        over_count || over_bytes
+    }
+
+    /// Drop-head: removes messages from the head until the ready messages are
+    /// within both limits.
+    fn trim_to_limits(&mut self, fx: &mut Vec<Effect>) {
+        loop {
+            let over_count = self
+                .config
+                .max_length
+                .is_some_and(|m| self.ready.len() as u64 > m);
+            let over_bytes = self
+                .config
+                .max_length_bytes
+                .is_some_and(|m| self.ready_bytes > m);
+            if !(over_count || over_bytes) {
+                break;
+            }
+            let Some(key) = self.ready.keys().next().copied() else {
+                break;
+            };
+            if let Some(stored) = self.remove_ready(key) {
+                self.dead_letter(stored.msg, DeadLetterReason::MaxLen, fx);
+            }
+        }
+        debug_assert!(
+            self.config
+                .max_length
+                .is_none_or(|m| self.ready.len() as u64 <= m)
+        );
+        debug_assert!(
+            self.config
+                .max_length_bytes
+                .is_none_or(|m| self.ready_bytes <= m)
+        );
+    }
+
+    fn get(&mut self, owner: OwnerId, no_ack: bool, fx: &mut Vec<Effect>) {
+        let Some((id, stored)) = self.pop_live_head(None, fx) else {
+            fx.push(Effect::GetEmpty { owner });
+            return;
+        };
+        fx.push(Effect::GetOk {
+            owner,
+            id,
+            msg: stored.msg.clone(),
+            redelivered: stored.redelivered,
+            delivery_count: stored.delivery_count,
+            remaining: self.ready.len() as u64,
+        });
+        if !no_ack {
+            self.insert_unacked(
+                id,
+                Unacked {
+                    owner,
+                    consumer: None,
+                    stored,
+                },
+            );
+        }
+    }
+
+    fn owner_down(&mut self, owner: OwnerId, fx: &mut Vec<Effect>) {
+        let serials: Vec<ConsumerSerial> = self
+            .consumer_index
+            .get(&owner)
+            .map(|tags| tags.values().copied().collect())
+            .unwrap_or_default();
+        for serial in serials {
+            self.remove_consumer(serial);
+        }
+        let ids: Vec<MsgId> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.owner == owner)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            if let Some(u) = self.take_unacked(owner, id) {
+                self.requeue(id, u.stored, fx);
+            }
+        }
+        debug_assert!(self.unacked.values().all(|u| u.owner != owner));
+        debug_assert!(!self.consumer_index.contains_key(&owner));
+    }
+
+    /// Puts a returned message back at its original position, counting the
+    /// delivery, unless that takes it over the delivery limit.
+    fn requeue(&mut self, id: MsgId, mut stored: Stored, fx: &mut Vec<Effect>) {
+        stored.delivery_count = stored.delivery_count.saturating_add(1);
+        if self
+            .config
+            .delivery_limit
+            .is_some_and(|limit| stored.delivery_count > limit)
+        {
+            self.dead_letter(stored.msg, DeadLetterReason::DeliveryLimit, fx);
+            return;
+        }
+        stored.redelivered = true;
+        self.insert_ready(id, stored);
+    }
+
+    /// Hands ready messages to consumers while any has credit. `fresh` is the
+    /// message just enqueued, which may be delivered even if its TTL is 0.
+    fn deliver(&mut self, fresh: Option<MsgId>, fx: &mut Vec<Effect>) {
+        while let Some(serial) = self.next_consumer() {
+            let Some((id, stored)) = self.pop_live_head(fresh, fx) else {
+                break;
+            };
+            let Some(consumer) = self.consumers.get_mut(&serial) else {
+                // next_consumer only returns registered consumers; put the
+                // message back rather than lose it.
+                self.insert_ready(id, stored);
+                break;
+            };
+            debug_assert!(consumer.has_credit());
+            fx.push(Effect::Deliver {
+                owner: consumer.spec.owner,
+                tag: consumer.spec.tag.clone(),
+                id,
+                msg: stored.msg.clone(),
+                redelivered: stored.redelivered,
+                delivery_count: stored.delivery_count,
+            });
+            let owner = consumer.spec.owner;
+            if !consumer.spec.no_ack {
+                consumer.in_flight += 1;
+                debug_assert!(
+                    consumer.spec.prefetch == 0 || consumer.in_flight <= consumer.spec.prefetch
+                );
+                self.insert_unacked(
+                    id,
+                    Unacked {
+                        owner,
+                        consumer: Some(serial),
+                        stored,
+                    },
+                );
+            }
+            self.send_to_back(serial);
+        }
+    }
+
+    /// The consumer to receive the next message, if any has credit.
+    fn next_consumer(&self) -> Option<ConsumerSerial> {
+        if self.config.single_active_consumer {
+            let serial = self.active?;
+            return self
+                .consumers
+                .get(&serial)
+                .is_some_and(Consumer::has_credit)
+                .then_some(serial);
+        }
+        self.service_order
+            .values()
+            .copied()
+            .find(|s| self.consumers.get(s).is_some_and(Consumer::has_credit))
+    }
+
+    /// Round-robin: the consumer that just received waits behind its equals.
+    fn send_to_back(&mut self, serial: ConsumerSerial) {
+        let Some(consumer) = self.consumers.get_mut(&serial) else {
+            return;
+        };
+        self.service_order.remove(&consumer.service_key());
+        consumer.turn = self.next_turn;
+        self.next_turn += 1;
+        self.service_order.insert(consumer.service_key(), serial);
+    }
+
+    /// Removes and returns the first ready message, dropping expired ones
+    /// that reach the head on the way (except `fresh`, see `deliver`).
+    fn pop_live_head(
+        &mut self,
+        fresh: Option<MsgId>,
+        fx: &mut Vec<Effect>,
+    ) -> Option<(MsgId, Stored)> {
+        loop {
+            let key = *self.ready.keys().next()?;
+            let stored = self.remove_ready(key)?;
+            if stored.is_expired(self.clock_ms) && fresh != Some(key.1) {
+                self.dead_letter(stored.msg, DeadLetterReason::Expired, fx);
+                continue;
+            }
+            return Some((key.1, stored));
+        }
+    }
+
+    /// Removes expired messages at the head of every priority level, as
+    /// quorum queues do: a message behind a live one waits its turn.
+    fn expire_heads(&mut self, fx: &mut Vec<Effect>) {
+        let now = self.clock_ms;
+        let mut from = Bound::Unbounded;
+        while let Some((&key, stored)) = self.ready.range((from, Bound::Unbounded)).next() {
+            if stored.is_expired(now) {
+                if let Some(stored) = self.remove_ready(key) {
+                    self.dead_letter(stored.msg, DeadLetterReason::Expired, fx);
+                }
+                // The next message of the same level is now its head.
+                from = Bound::Excluded(key);
+            } else {
+                from = Bound::Excluded(level_end(key));
+            }
+        }
+    }
+
+    /// When `x-expires` runs out, if it can: never while consumers exist.
+    fn queue_expiry_time(&self) -> Option<u64> {
+        let expires = self.config.expires_ms?;
+        if self.expired || !self.consumers.is_empty() {
+            return None;
+        }
+        Some(self.last_used_ms.saturating_add(expires))
+    }
+
+    fn check_queue_expiry(&mut self, fx: &mut Vec<Effect>) {
+        if self.queue_expiry_time().is_some_and(|t| self.clock_ms >= t) {
+            self.expired = true;
+            fx.push(Effect::Expired);
+        }
+    }
+
+    fn dead_letter(&self, msg: Message, reason: DeadLetterReason, fx: &mut Vec<Effect>) {
+        // Without a dead-letter exchange the message is simply dropped.
+        if self.config.dead_letter_exchange.is_some() {
+            fx.push(Effect::DeadLetter { msg, reason });
+        }
+    }
+
+    fn add_consumer(&mut self, spec: ConsumerSpec) {
+        if self.find_consumer(spec.owner, &spec.tag).is_some() {
+            // The channel refuses reused tags itself; a duplicate that gets
+            // here changes nothing.
+            return;
+        }
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let consumer = Consumer {
+            spec,
+            in_flight: 0,
+            turn: self.next_turn,
+        };
+        self.next_turn += 1;
+        self.consumer_index
+            .entry(consumer.spec.owner)
+            .or_default()
+            .insert(consumer.spec.tag.clone(), serial);
+        self.service_order.insert(consumer.service_key(), serial);
+        self.consumers.insert(serial, consumer);
+        if self.config.single_active_consumer && self.active.is_none() {
+            self.active = Some(serial);
+        }
+        debug_assert_eq!(self.service_order.len(), self.consumers.len());
+    }
+
+    fn remove_consumer(&mut self, serial: ConsumerSerial) {
+        let Some(consumer) = self.consumers.remove(&serial) else {
+            return;
+        };
+        self.service_order.remove(&consumer.service_key());
+        let owner = consumer.spec.owner;
+        if let Some(tags) = self.consumer_index.get_mut(&owner) {
+            tags.remove(&consumer.spec.tag);
+            if tags.is_empty() {
+                self.consumer_index.remove(&owner);
+            }
+        }
+        if self.active == Some(serial) {
+            // Next in line: highest priority, then earliest registered.
+            self.active = self
+                .consumers
+                .iter()
+                .max_by_key(|(s, c)| (c.spec.priority, Reverse(**s)))
+                .map(|(s, _)| *s);
+        }
+        // The x-expires countdown starts when the last consumer leaves.
+        self.touch();
+        debug_assert_eq!(self.service_order.len(), self.consumers.len());
+    }
+
+    fn find_consumer(&self, owner: OwnerId, tag: &str) -> Option<ConsumerSerial> {
+        self.consumer_index.get(&owner)?.get(tag).copied()
+    }
+
+    /// Removes `id` from `owner`'s unacknowledged messages, giving its
+    /// consumer the credit back. Ids that `owner` does not hold are ignored.
+    fn take_unacked(&mut self, owner: OwnerId, id: MsgId) -> Option<Unacked> {
+        if self.unacked.get(&id)?.owner != owner {
+            return None;
+        }
+        let u = self.unacked.remove(&id)?;
+        if let Some(c) = u.consumer.and_then(|s| self.consumers.get_mut(&s)) {
+            debug_assert!(c.in_flight > 0);
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+        Some(u)
+    }
+
+    fn insert_unacked(&mut self, id: MsgId, u: Unacked) {
+        debug_assert!(!self.ready.contains_key(&u.stored.key(id)));
+        let previous = self.unacked.insert(id, u);
+        debug_assert!(previous.is_none());
+    }
+
+    fn insert_ready(&mut self, id: MsgId, stored: Stored) {
+        debug_assert!(!self.unacked.contains_key(&id));
+        debug_assert!(id < self.next_id);
+        self.ready_bytes += stored.msg.body_len();
+        let previous = self.ready.insert(stored.key(id), stored);
+        debug_assert!(previous.is_none());
+    }
+
+    fn remove_ready(&mut self, key: ReadyKey) -> Option<Stored> {
+        let stored = self.ready.remove(&key)?;
+        debug_assert!(self.ready_bytes >= stored.msg.body_len());
+        self.ready_bytes = self.ready_bytes.saturating_sub(stored.msg.body_len());
+        Some(stored)
+    }
+
+    /// Invariants every command must leave true. The cheap ones are checked
+    /// in every debug build; the full scan only under test, as it is linear
+    /// in the queue's size.
+    fn assert_invariants(&self) {
+        debug_assert!(!self.ready.is_empty() || self.ready_bytes == 0);
+        debug_assert_eq!(self.service_order.len(), self.consumers.len());
+        debug_assert!(self.active.is_none_or(|s| self.consumers.contains_key(&s)));
+        debug_assert_eq!(
+            self.active.is_some(),
+            self.config.single_active_consumer && !self.consumers.is_empty()
+        );
+        debug_assert!(
+            self.unacked
+                .last_key_value()
+                .is_none_or(|(&id, _)| id < self.next_id)
+        );
+        #[cfg(test)]
+        self.assert_all_invariants();
+    }
+
+    #[cfg(test)]
+    fn assert_all_invariants(&self) {
+        let bytes: u64 = self.ready.values().map(|s| s.msg.body_len()).sum();
+        assert_eq!(bytes, self.ready_bytes, "ready_bytes out of step");
+        for (&(Reverse(prio), id), stored) in &self.ready {
+            assert_eq!(prio, stored.msg.priority);
+            assert!(id >= 1 && id < self.next_id);
+            assert!(!self.unacked.contains_key(&id), "{id} ready and unacked");
+        }
+        for (serial, c) in &self.consumers {
+            let held = self
+                .unacked
+                .values()
+                .filter(|u| u.consumer == Some(*serial))
+                .count();
+            assert_eq!(held as u64, u64::from(c.in_flight), "in_flight of {serial}");
+            if !c.spec.no_ack && c.spec.prefetch > 0 {
+                assert!(c.in_flight <= c.spec.prefetch, "prefetch exceeded");
+            }
+            assert_eq!(self.service_order.get(&c.service_key()), Some(serial));
+            assert_eq!(self.find_consumer(c.spec.owner, &c.spec.tag), Some(*serial));
+        }
+        let indexed: usize = self.consumer_index.values().map(BTreeMap::len).sum();
+        assert_eq!(indexed, self.consumers.len());
+    }
+}
+
+/// The largest key of `key`'s priority level: ranging past it skips to the
+/// next level.
+fn level_end(key: ReadyKey) -> ReadyKey {
+    (key.0, MsgId::MAX)
+}
+
+fn confirm_effect(confirm: Option<ConfirmRef>, accepted: bool, fx: &mut Vec<Effect>) {
+    if let Some(confirm) = confirm {
+        fx.push(Effect::Confirm { confirm, accepted });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::config::Overflow;
+    use bytes::Bytes;
+
+    const T0: u64 = 1_000;
+
+    fn msg(body: &str) -> Message {
+        Message {
+            exchange: Arc::from(""),
+            routing_key: Arc::from("q"),
+            raw_properties: Bytes::from_static(&[0, 0]),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            priority: 0,
+            expiration_ms: None,
+        }
+    }
+
+    fn msg_priority(body: &str, priority: u8) -> Message {
+        Message {
+            priority,
+            ..msg(body)
+        }
+    }
+
+    fn msg_expiring(body: &str, expiration_ms: u64) -> Message {
+        Message {
+            expiration_ms: Some(expiration_ms),
+            ..msg(body)
+        }
+    }
+
+    fn with_dlx(config: QueueConfig) -> QueueConfig {
+        QueueConfig {
+            dead_letter_exchange: Some("dlx".into()),
+            ..config
+        }
+    }
+
+    fn classic() -> QueueState {
+        QueueState::new(QueueConfig::classic(), T0)
+    }
+
+    fn enqueue(q: &mut QueueState, m: Message) -> Vec<Effect> {
+        enqueue_at(q, m, T0)
+    }
+
+    fn enqueue_at(q: &mut QueueState, m: Message, now_ms: u64) -> Vec<Effect> {
+        q.apply(Command::Enqueue {
+            msg: m,
+            confirm: None,
+            now_ms,
+        })
+    }
+
+    fn spec(owner: OwnerId, tag: &str, prefetch: u32) -> ConsumerSpec {
+        ConsumerSpec {
+            owner,
+            tag: Arc::from(tag),
+            prefetch,
+            priority: 0,
+            no_ack: false,
+        }
+    }
+
+    fn consume(q: &mut QueueState, spec: ConsumerSpec) -> Vec<Effect> {
+        q.apply(Command::Consume { spec, now_ms: T0 })
+    }
+
+    fn cancel(q: &mut QueueState, owner: OwnerId, tag: &str) -> Vec<Effect> {
+        q.apply(Command::Cancel {
+            owner,
+            tag: Arc::from(tag),
+            now_ms: T0,
+        })
+    }
+
+    fn get(q: &mut QueueState, owner: OwnerId, no_ack: bool) -> Vec<Effect> {
+        q.apply(Command::Get {
+            owner,
+            no_ack,
+            now_ms: T0,
+        })
+    }
+
+    fn ret(q: &mut QueueState, owner: OwnerId, ids: &[MsgId]) -> Vec<Effect> {
+        q.apply(Command::Return {
+            owner,
+            ids: ids.to_vec(),
+            now_ms: T0,
+        })
+    }
+
+    fn tick(q: &mut QueueState, now_ms: u64) -> Vec<Effect> {
+        q.apply(Command::Tick { now_ms })
+    }
+
+    fn body(m: &Message) -> String {
+        String::from_utf8_lossy(&m.body).into_owned()
+    }
+
+    /// A delivery or get, reduced to what tests compare.
+    #[derive(Debug, PartialEq)]
+    struct Got {
+        owner: OwnerId,
+        tag: String,
+        id: MsgId,
+        body: String,
+        redelivered: bool,
+        delivery_count: u32,
+    }
+
+    fn got(fx: &[Effect]) -> Vec<Got> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Deliver {
+                    owner,
+                    tag,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                } => Some(Got {
+                    owner: *owner,
+                    tag: tag.to_string(),
+                    id: *id,
+                    body: body(msg),
+                    redelivered: *redelivered,
+                    delivery_count: *delivery_count,
+                }),
+                Effect::GetOk {
+                    owner,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                    ..
+                } => Some(Got {
+                    owner: *owner,
+                    tag: String::new(),
+                    id: *id,
+                    body: body(msg),
+                    redelivered: *redelivered,
+                    delivery_count: *delivery_count,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn bodies(fx: &[Effect]) -> Vec<String> {
+        got(fx).into_iter().map(|g| g.body).collect()
+    }
+
+    fn dead_letters(fx: &[Effect]) -> Vec<(String, DeadLetterReason)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::DeadLetter { msg, reason } => Some((body(msg), *reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn counts(ready: u64, unacked: u64, consumers: u64) -> (u64, u64, u64) {
+        (ready, unacked, consumers)
+    }
+
+    fn counts_of(q: &QueueState) -> (u64, u64, u64) {
+        let c = q.counts();
+        (c.ready, c.unacked, c.consumers)
+    }
+
+    // --- ordering and ids -------------------------------------------------
+
+    #[test]
+    fn message_ids_start_at_one_and_increase() {
+        let mut q = classic();
+        for b in ["a", "b", "c"] {
+            enqueue(&mut q, msg(b));
+        }
+        let fx = consume(&mut q, spec(1, "c", 0));
+        let ids: Vec<MsgId> = got(&fx).iter().map(|g| g.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn higher_priority_messages_go_first_and_fifo_within_a_priority() {
+        let mut q = classic();
+        for (b, p) in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 9)] {
+            enqueue(&mut q, msg_priority(b, p));
+        }
+        let fx = consume(&mut q, spec(1, "c", 0));
+        assert_eq!(bodies(&fx), ["e", "b", "d", "a", "c"]);
+    }
+
+    #[test]
+    fn returned_message_goes_back_to_its_original_position_marked_redelivered() {
+        let mut q = classic();
+        for b in ["a", "b", "c"] {
+            enqueue(&mut q, msg(b));
+        }
+        get(&mut q, 7, false);
+        get(&mut q, 7, false);
+        assert!(ret(&mut q, 7, &[2]).is_empty());
+        assert!(ret(&mut q, 7, &[1]).is_empty());
+        let fx = consume(&mut q, spec(1, "c", 0));
+        let g = got(&fx);
+        assert_eq!(bodies(&fx), ["a", "b", "c"]);
+        assert_eq!(
+            g.iter()
+                .map(|g| (g.redelivered, g.delivery_count))
+                .collect::<Vec<_>>(),
+            [(true, 1), (true, 1), (false, 0)]
+        );
+    }
+
+    // --- consumers --------------------------------------------------------
+
+    #[test]
+    fn consumers_of_equal_priority_are_served_round_robin() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "a", 0));
+        consume(&mut q, spec(2, "b", 0));
+        let mut owners = Vec::new();
+        for b in ["1", "2", "3", "4"] {
+            owners.extend(got(&enqueue(&mut q, msg(b))).iter().map(|g| g.owner));
+        }
+        assert_eq!(owners, [1, 2, 1, 2]);
+    }
+
+    #[test]
+    fn higher_priority_consumer_is_served_while_it_has_credit() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "low", 0));
+        consume(
+            &mut q,
+            ConsumerSpec {
+                priority: 5,
+                ..spec(2, "high", 2)
+            },
+        );
+        let mut owners = Vec::new();
+        for b in ["1", "2", "3", "4"] {
+            owners.extend(got(&enqueue(&mut q, msg(b))).iter().map(|g| g.owner));
+        }
+        assert_eq!(owners, [2, 2, 1, 1]);
+        q.apply(Command::Settle {
+            owner: 2,
+            ids: vec![1],
+        });
+        let fx = enqueue(&mut q, msg("5"));
+        assert_eq!(got(&fx)[0].owner, 2);
+    }
+
+    #[test]
+    fn prefetch_caps_unacked_deliveries_and_settle_releases_credit() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 2));
+        let mut fx = Vec::new();
+        for b in ["a", "b", "c"] {
+            fx.extend(enqueue(&mut q, msg(b)));
+        }
+        assert_eq!(bodies(&fx), ["a", "b"]);
+        assert_eq!(counts_of(&q), counts(1, 2, 1));
+        let fx = q.apply(Command::Settle {
+            owner: 1,
+            ids: vec![1],
+        });
+        assert_eq!(bodies(&fx), ["c"]);
+        assert_eq!(counts_of(&q), counts(0, 2, 1));
+    }
+
+    #[test]
+    fn no_ack_consumer_settles_each_delivery_at_once() {
+        let mut q = classic();
+        for b in ["a", "b", "c"] {
+            enqueue(&mut q, msg(b));
+        }
+        let fx = consume(
+            &mut q,
+            ConsumerSpec {
+                no_ack: true,
+                ..spec(1, "c", 1)
+            },
+        );
+        assert_eq!(bodies(&fx), ["a", "b", "c"]);
+        assert_eq!(counts_of(&q), counts(0, 0, 1));
+    }
+
+    #[test]
+    fn single_active_consumer_delivers_only_to_the_first_registered() {
+        let config = QueueConfig {
+            single_active_consumer: true,
+            ..QueueConfig::classic()
+        };
+        let mut q = QueueState::new(config, T0);
+        consume(&mut q, spec(1, "first", 0));
+        consume(
+            &mut q,
+            ConsumerSpec {
+                priority: 9,
+                ..spec(2, "second", 0)
+            },
+        );
+        let mut owners = Vec::new();
+        for b in ["1", "2", "3"] {
+            owners.extend(got(&enqueue(&mut q, msg(b))).iter().map(|g| g.owner));
+        }
+        assert_eq!(owners, [1, 1, 1]);
+        assert_eq!(q.counts().consumers, 2);
+    }
+
+    #[test]
+    fn single_active_consumer_fails_over_by_priority_then_registration_order() {
+        let config = QueueConfig {
+            single_active_consumer: true,
+            ..QueueConfig::classic()
+        };
+        let mut q = QueueState::new(config, T0);
+        for (owner, priority) in [(1, 0), (2, 0), (3, 5), (4, 5)] {
+            consume(
+                &mut q,
+                ConsumerSpec {
+                    priority,
+                    ..spec(owner, "c", 0)
+                },
+            );
+        }
+        let receiver = |q: &mut QueueState| got(&enqueue(q, msg("m")))[0].owner;
+        assert_eq!(receiver(&mut q), 1);
+        cancel(&mut q, 1, "c");
+        assert_eq!(receiver(&mut q), 3);
+        q.apply(Command::OwnerDown {
+            owner: 3,
+            now_ms: T0,
+        });
+        // Owner 3's unacked message went back and is redelivered to owner 4.
+        assert_eq!(receiver(&mut q), 4);
+        cancel(&mut q, 4, "c");
+        assert_eq!(receiver(&mut q), 2);
+    }
+
+    #[test]
+    fn cancel_keeps_unacked_messages_until_settled_or_owner_down() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 0));
+        enqueue(&mut q, msg("a"));
+        enqueue(&mut q, msg("b"));
+        cancel(&mut q, 1, "c");
+        assert_eq!(counts_of(&q), counts(0, 2, 0));
+        assert!(!q.has_consumer(1, "c"));
+        q.apply(Command::Settle {
+            owner: 1,
+            ids: vec![1],
+        });
+        assert_eq!(counts_of(&q), counts(0, 1, 0));
+        q.apply(Command::OwnerDown {
+            owner: 1,
+            now_ms: T0,
+        });
+        assert_eq!(counts_of(&q), counts(1, 0, 0));
+        let fx = consume(&mut q, spec(2, "d", 0));
+        let g = got(&fx);
+        assert_eq!((g[0].body.as_str(), g[0].redelivered), ("b", true));
+        assert_eq!(g[0].delivery_count, 1);
+    }
+
+    #[test]
+    fn a_new_consumer_reusing_a_tag_does_not_inherit_old_unacked_credit() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 1));
+        enqueue(&mut q, msg("a"));
+        cancel(&mut q, 1, "c");
+        consume(&mut q, spec(1, "c", 1));
+        let fx = enqueue(&mut q, msg("b"));
+        assert_eq!(bodies(&fx), ["b"]);
+        // Settling the old consumer's message must not free the new one's credit.
+        q.apply(Command::Settle {
+            owner: 1,
+            ids: vec![1],
+        });
+        let fx = enqueue(&mut q, msg("c"));
+        assert!(bodies(&fx).is_empty());
+    }
+
+    #[test]
+    fn unknown_and_foreign_ids_are_ignored() {
+        let mut q = with_delivery(classic());
+        let before = q.clone();
+        // Owner 1 holds message 1; owner 2 holds nothing.
+        for (owner, ids) in [(1, vec![0]), (1, vec![99, MsgId::MAX]), (2, vec![1])] {
+            let settle = Command::Settle {
+                owner,
+                ids: ids.clone(),
+            };
+            assert!(q.apply(settle).is_empty());
+            assert!(ret(&mut q, owner, &ids).is_empty());
+            let discard = Command::Discard {
+                owner,
+                ids,
+                now_ms: T0,
+            };
+            assert!(q.apply(discard).is_empty());
+        }
+        assert_eq!(q, before);
+    }
+
+    /// A queue with message 1 unacked by owner 1.
+    fn with_delivery(mut q: QueueState) -> QueueState {
+        enqueue(&mut q, msg("a"));
+        get(&mut q, 1, false);
+        assert_eq!(counts_of(&q), counts(0, 1, 0));
+        q
+    }
+
+    #[test]
+    fn duplicate_consume_and_cancel_of_unknown_consumer_change_nothing() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 1));
+        let before = q.clone();
+        consume(&mut q, spec(1, "c", 5));
+        cancel(&mut q, 1, "nope");
+        cancel(&mut q, 2, "c");
+        assert_eq!(q, before);
+        assert!(q.has_consumer(1, "c"));
+    }
+
+    // --- delivery limit, discard, owner down -----------------------------
+
+    #[test]
+    fn delivery_limit_dead_letters_once_the_count_exceeds_it() {
+        let config = QueueConfig {
+            delivery_limit: Some(1),
+            ..with_dlx(QueueConfig::classic())
+        };
+        let mut q = QueueState::new(config, T0);
+        enqueue(&mut q, msg("a"));
+        get(&mut q, 1, false);
+        assert!(ret(&mut q, 1, &[1]).is_empty());
+        assert_eq!(counts_of(&q), counts(1, 0, 0));
+        get(&mut q, 1, false);
+        let fx = ret(&mut q, 1, &[1]);
+        assert_eq!(
+            dead_letters(&fx),
+            [("a".to_string(), DeadLetterReason::DeliveryLimit)]
+        );
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn delivery_limit_without_dead_letter_exchange_drops_the_message() {
+        let config = QueueConfig {
+            delivery_limit: Some(0),
+            ..QueueConfig::classic()
+        };
+        let mut q = with_delivery(QueueState::new(config, T0));
+        assert!(ret(&mut q, 1, &[1]).is_empty());
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn owner_down_counts_a_delivery_against_the_limit() {
+        let config = QueueConfig {
+            delivery_limit: Some(0),
+            ..with_dlx(QueueConfig::classic())
+        };
+        let mut q = with_delivery(QueueState::new(config, T0));
+        let fx = q.apply(Command::OwnerDown {
+            owner: 1,
+            now_ms: T0,
+        });
+        assert_eq!(
+            dead_letters(&fx),
+            [("a".to_string(), DeadLetterReason::DeliveryLimit)]
+        );
+    }
+
+    #[test]
+    fn owner_down_returns_unacked_and_redelivers_to_remaining_consumers() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "a", 1));
+        consume(&mut q, spec(2, "b", 1));
+        enqueue(&mut q, msg("x"));
+        enqueue(&mut q, msg("y"));
+        let fx = q.apply(Command::OwnerDown {
+            owner: 1,
+            now_ms: T0,
+        });
+        assert!(fx.is_empty(), "owner 2 has no credit left: {fx:?}");
+        assert_eq!(counts_of(&q), counts(1, 1, 1));
+        let fx = q.apply(Command::Settle {
+            owner: 2,
+            ids: vec![2],
+        });
+        let g = got(&fx);
+        assert_eq!((g[0].owner, g[0].id, g[0].redelivered), (2, 1, true));
+    }
+
+    #[test]
+    fn discard_dead_letters_as_rejected() {
+        let mut q = with_delivery(QueueState::new(with_dlx(QueueConfig::classic()), T0));
+        let fx = q.apply(Command::Discard {
+            owner: 1,
+            ids: vec![1],
+            now_ms: T0,
+        });
+        assert_eq!(
+            dead_letters(&fx),
+            [("a".to_string(), DeadLetterReason::Rejected)]
+        );
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn discard_without_dead_letter_exchange_drops() {
+        let mut q = with_delivery(classic());
+        let fx = q.apply(Command::Discard {
+            owner: 1,
+            ids: vec![1],
+            now_ms: T0,
+        });
+        assert!(fx.is_empty());
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    // --- basic.get --------------------------------------------------------
+
+    #[test]
+    fn get_takes_the_next_message_and_reports_how_many_remain() {
+        let mut q = classic();
+        enqueue(&mut q, msg("a"));
+        enqueue(&mut q, msg_priority("b", 1));
+        let fx = get(&mut q, 1, true);
+        assert!(matches!(
+            &fx[..],
+            [Effect::GetOk {
+                remaining: 1,
+                id: 2,
+                ..
+            }]
+        ));
+        let fx = get(&mut q, 1, true);
+        assert!(matches!(
+            &fx[..],
+            [Effect::GetOk {
+                remaining: 0,
+                id: 1,
+                ..
+            }]
+        ));
+        assert_eq!(get(&mut q, 1, true), [Effect::GetEmpty { owner: 1 }]);
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn get_with_ack_holds_the_message_until_settled() {
+        let mut q = with_delivery(classic());
+        assert_eq!(get(&mut q, 1, false), [Effect::GetEmpty { owner: 1 }]);
+        q.apply(Command::Settle {
+            owner: 1,
+            ids: vec![1],
+        });
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    // --- TTL ----------------------------------------------------------------
+
+    fn ttl_queue(ttl: u64) -> QueueState {
+        let config = QueueConfig {
+            message_ttl_ms: Some(ttl),
+            ..with_dlx(QueueConfig::classic())
+        };
+        QueueState::new(config, T0)
+    }
+
+    #[test]
+    fn message_ttl_expires_the_head_on_tick_with_a_dead_letter() {
+        let mut q = ttl_queue(100);
+        enqueue(&mut q, msg("a"));
+        assert_eq!(q.next_deadline(), Some(T0 + 100));
+        assert!(tick(&mut q, T0 + 99).is_empty());
+        let fx = tick(&mut q, T0 + 100);
+        assert_eq!(
+            dead_letters(&fx),
+            [("a".to_string(), DeadLetterReason::Expired)]
+        );
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+        assert_eq!(q.next_deadline(), None);
+    }
+
+    #[test]
+    fn expired_messages_without_dead_letter_exchange_are_dropped() {
+        let mut q = classic();
+        enqueue(&mut q, msg_expiring("a", 10));
+        assert!(tick(&mut q, T0 + 10).is_empty());
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn the_lower_of_queue_ttl_and_message_expiration_applies() {
+        let mut q = ttl_queue(100);
+        enqueue(&mut q, msg_expiring("short", 50));
+        assert_eq!(q.next_deadline(), Some(T0 + 50));
+        let mut q = ttl_queue(100);
+        enqueue(&mut q, msg_expiring("long", 500));
+        assert_eq!(q.next_deadline(), Some(T0 + 100));
+    }
+
+    #[test]
+    fn ttl_zero_message_goes_to_a_ready_consumer_or_expires_at_once() {
+        let mut q = ttl_queue(0);
+        let fx = enqueue(&mut q, msg("nobody"));
+        assert_eq!(
+            dead_letters(&fx),
+            [("nobody".to_string(), DeadLetterReason::Expired)]
+        );
+        consume(&mut q, spec(1, "c", 1));
+        let fx = enqueue(&mut q, msg("taken"));
+        assert_eq!(bodies(&fx), ["taken"]);
+        // The consumer is now out of credit, so the next one expires.
+        let fx = enqueue(&mut q, msg("late"));
+        assert!(bodies(&fx).is_empty());
+        assert_eq!(
+            dead_letters(&fx),
+            [("late".to_string(), DeadLetterReason::Expired)]
+        );
+        assert_eq!(counts_of(&q), counts(0, 1, 1));
+    }
+
+    #[test]
+    fn expired_message_behind_a_live_head_waits_its_turn() {
+        let mut q = QueueState::new(with_dlx(QueueConfig::classic()), T0);
+        enqueue(&mut q, msg_expiring("live", 1_000));
+        enqueue(&mut q, msg_expiring("dead", 10));
+        assert!(tick(&mut q, T0 + 20).is_empty());
+        assert_eq!(q.counts().ready, 2);
+        assert_eq!(q.next_deadline(), Some(T0 + 1_000));
+        let fx = q.apply(Command::Get {
+            owner: 1,
+            no_ack: true,
+            now_ms: T0 + 20,
+        });
+        assert_eq!(bodies(&fx), ["live"]);
+        let fx = q.apply(Command::Get {
+            owner: 1,
+            no_ack: true,
+            now_ms: T0 + 20,
+        });
+        assert_eq!(
+            fx,
+            [
+                Effect::DeadLetter {
+                    msg: msg_expiring("dead", 10),
+                    reason: DeadLetterReason::Expired
+                },
+                Effect::GetEmpty { owner: 1 }
+            ]
+        );
+    }
+
+    #[test]
+    fn each_priority_level_expires_its_own_head() {
+        let mut q = QueueState::new(with_dlx(QueueConfig::classic()), T0);
+        enqueue(&mut q, msg_priority("high", 5));
+        enqueue(&mut q, msg_expiring("low", 10));
+        assert_eq!(q.next_deadline(), Some(T0 + 10));
+        let fx = tick(&mut q, T0 + 10);
+        assert_eq!(
+            dead_letters(&fx),
+            [("low".to_string(), DeadLetterReason::Expired)]
+        );
+        assert_eq!(q.counts().ready, 1);
+    }
+
+    #[test]
+    fn expired_head_is_not_delivered_to_a_new_consumer() {
+        let mut q = ttl_queue(10);
+        enqueue(&mut q, msg("old"));
+        enqueue_at(&mut q, msg("new"), T0 + 5);
+        let fx = q.apply(Command::Consume {
+            spec: spec(1, "c", 0),
+            now_ms: T0 + 12,
+        });
+        assert_eq!(bodies(&fx), ["new"]);
+        assert_eq!(
+            dead_letters(&fx),
+            [("old".to_string(), DeadLetterReason::Expired)]
+        );
+    }
+
+    #[test]
+    fn time_never_runs_backwards_across_commands() {
+        let mut q = ttl_queue(10);
+        enqueue(&mut q, msg("a"));
+        tick(&mut q, T0 + 10);
+        // A later command stamped with an older clock does not resurrect time.
+        enqueue_at(&mut q, msg("b"), T0);
+        assert_eq!(q.next_deadline(), Some(T0 + 20));
+    }
+
+    // --- x-expires --------------------------------------------------------
+
+    fn expiring_queue(expires: u64) -> QueueState {
+        let config = QueueConfig {
+            expires_ms: Some(expires),
+            ..QueueConfig::classic()
+        };
+        QueueState::new(config, T0)
+    }
+
+    #[test]
+    fn idle_queue_expires_once_after_x_expires() {
+        let mut q = expiring_queue(1_000);
+        assert_eq!(q.next_deadline(), Some(T0 + 1_000));
+        assert!(tick(&mut q, T0 + 999).is_empty());
+        assert_eq!(tick(&mut q, T0 + 1_000), [Effect::Expired]);
+        assert!(tick(&mut q, T0 + 5_000).is_empty());
+        assert_eq!(q.next_deadline(), None);
+    }
+
+    #[test]
+    fn queue_with_a_consumer_never_expires_and_restarts_when_it_leaves() {
+        let mut q = expiring_queue(1_000);
+        consume(&mut q, spec(1, "c", 0));
+        assert_eq!(q.next_deadline(), None);
+        assert!(tick(&mut q, T0 + 10_000).is_empty());
+        q.apply(Command::OwnerDown {
+            owner: 1,
+            now_ms: T0 + 10_000,
+        });
+        assert_eq!(q.next_deadline(), Some(T0 + 11_000));
+        assert_eq!(tick(&mut q, T0 + 11_000), [Effect::Expired]);
+    }
+
+    #[test]
+    fn get_and_touch_restart_the_expiry_countdown() {
+        let mut q = expiring_queue(1_000);
+        q.apply(Command::Get {
+            owner: 1,
+            no_ack: true,
+            now_ms: T0 + 500,
+        });
+        assert!(tick(&mut q, T0 + 1_000).is_empty());
+        q.apply(Command::Touch { now_ms: T0 + 1_400 });
+        assert!(tick(&mut q, T0 + 2_000).is_empty());
+        assert_eq!(tick(&mut q, T0 + 2_400), [Effect::Expired]);
+    }
+
+    #[test]
+    fn publishing_does_not_keep_a_queue_alive() {
+        let mut q = expiring_queue(1_000);
+        enqueue_at(&mut q, msg("a"), T0 + 900);
+        assert_eq!(tick(&mut q, T0 + 1_000), [Effect::Expired]);
+    }
+
+    // --- length limits ----------------------------------------------------
+
+    fn limited(max_length: Option<u64>, max_bytes: Option<u64>, overflow: Overflow) -> QueueState {
+        let config = QueueConfig {
+            max_length,
+            max_length_bytes: max_bytes,
+            overflow,
+            ..with_dlx(QueueConfig::classic())
+        };
+        QueueState::new(config, T0)
+    }
+
+    fn confirmed(q: &mut QueueState, body: &str, seq: u64) -> Vec<Effect> {
+        q.apply(Command::Enqueue {
+            msg: msg(body),
+            confirm: Some(ConfirmRef { owner: 9, seq }),
+            now_ms: T0,
+        })
+    }
+
+    fn confirm(seq: u64, accepted: bool) -> Effect {
+        Effect::Confirm {
+            confirm: ConfirmRef { owner: 9, seq },
+            accepted,
+        }
+    }
+
+    #[test]
+    fn drop_head_makes_room_by_dead_lettering_the_oldest() {
+        let mut q = limited(Some(2), None, Overflow::DropHead);
+        confirmed(&mut q, "a", 1);
+        confirmed(&mut q, "b", 2);
+        let fx = confirmed(&mut q, "c", 3);
+        assert_eq!(
+            fx,
+            [
+                confirm(3, true),
+                Effect::DeadLetter {
+                    msg: msg("a"),
+                    reason: DeadLetterReason::MaxLen
+                }
+            ]
+        );
+        assert_eq!(bodies(&consume(&mut q, spec(1, "c", 0))), ["b", "c"]);
+    }
+
+    #[test]
+    fn drop_head_applies_to_max_length_bytes() {
+        let mut q = limited(None, Some(5), Overflow::DropHead);
+        enqueue(&mut q, msg("aa"));
+        enqueue(&mut q, msg("bb"));
+        let fx = enqueue(&mut q, msg("cc"));
+        assert_eq!(
+            dead_letters(&fx),
+            [("aa".to_string(), DeadLetterReason::MaxLen)]
+        );
+        assert_eq!(q.counts().ready_bytes, 4);
+    }
+
+    #[test]
+    fn length_limits_count_only_ready_messages() {
+        let mut q = limited(Some(1), None, Overflow::RejectPublish);
+        consume(&mut q, spec(1, "c", 1));
+        assert_eq!(confirmed(&mut q, "a", 1)[0], confirm(1, true));
+        assert_eq!(confirmed(&mut q, "b", 2), [confirm(2, true)]);
+        assert_eq!(confirmed(&mut q, "c", 3), [confirm(3, false)]);
+        assert_eq!(counts_of(&q), counts(1, 1, 1));
+    }
+
+    #[test]
+    fn reject_publish_nacks_without_enqueueing() {
+        let mut q = limited(Some(1), None, Overflow::RejectPublish);
+        assert_eq!(confirmed(&mut q, "a", 1), [confirm(1, true)]);
+        assert_eq!(confirmed(&mut q, "b", 2), [confirm(2, false)]);
+        // Without a confirm the refusal is silent.
+        assert!(enqueue(&mut q, msg("c")).is_empty());
+        assert_eq!(bodies(&consume(&mut q, spec(1, "c", 0))), ["a"]);
+        // Refused publishes take no message id.
+        assert_eq!(q.next_id, 2);
+    }
+
+    #[test]
+    fn reject_publish_dlx_dead_letters_the_refused_message() {
+        let mut q = limited(None, Some(1), Overflow::RejectPublishDlx);
+        let fx = confirmed(&mut q, "big", 1);
+        assert_eq!(
+            fx,
+            [
+                confirm(1, false),
+                Effect::DeadLetter {
+                    msg: msg("big"),
+                    reason: DeadLetterReason::MaxLen
+                }
+            ]
+        );
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+    }
+
+    #[test]
+    fn accepted_confirm_comes_before_the_delivery_it_causes() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 0));
+        let fx = confirmed(&mut q, "a", 1);
+        assert_eq!(fx.len(), 2);
+        assert_eq!(fx[0], confirm(1, true));
+        assert!(matches!(fx[1], Effect::Deliver { id: 1, .. }));
+    }
+
+    // --- purge --------------------------------------------------------------
+
+    #[test]
+    fn purge_drops_ready_messages_only_and_does_not_dead_letter() {
+        let mut q = with_delivery(QueueState::new(with_dlx(QueueConfig::classic()), T0));
+        enqueue(&mut q, msg("b"));
+        enqueue(&mut q, msg("c"));
+        assert_eq!(q.apply(Command::Purge), [Effect::Purged { count: 2 }]);
+        assert_eq!(counts_of(&q), counts(0, 1, 0));
+        assert_eq!(q.counts().ready_bytes, 0);
+    }
+}
