@@ -262,6 +262,15 @@ impl QueueState {
 
     /// Whether `(owner, tag)` is a registered consumer (the channel checks
     /// this before refusing a reused consumer tag).
+    /// Every registered consumer as `(owner, tag)`, in registration order
+    /// (the shell cancels them all when the queue is deleted).
+    pub fn consumers(&self) -> Vec<(OwnerId, Arc<str>)> {
+        self.consumers
+            .values()
+            .map(|c| (c.spec.owner, c.spec.tag.clone()))
+            .collect()
+    }
+
     pub fn has_consumer(&self, owner: OwnerId, tag: &str) -> bool {
         self.find_consumer(owner, tag).is_some()
     }
