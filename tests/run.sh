@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Warren's test command: everything CI runs, from a fresh checkout.
+#   1. unit and property tests (codec fuzzing, state machines, routing)
+#   2. integration tests against real `warren server` processes (lapin)
+#   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates
+# Extra arguments are passed to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+# Property tests (including the frame decoder fuzzing) run a fixed number of
+# cases; PROPTEST_CASES raises it for a longer local run.
+cargo build --locked --bins
+cargo test --locked -- --test-threads=2
+WARREN_BIN="$PWD/target/debug/warren" tests/python/run.sh "$@"
