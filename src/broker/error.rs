@@ -14,21 +14,39 @@ pub struct BrokerError {
 
 impl BrokerError {
     pub fn not_found(text: impl Into<String>) -> Self {
-        BrokerError { code: 404, text: format!("NOT_FOUND - {}", text.into()) }
+        BrokerError {
+            code: 404,
+            text: format!("NOT_FOUND - {}", text.into()),
+        }
     }
     pub fn access_refused(text: impl Into<String>) -> Self {
-        BrokerError { code: 403, text: format!("ACCESS_REFUSED - {}", text.into()) }
+        BrokerError {
+            code: 403,
+            text: format!("ACCESS_REFUSED - {}", text.into()),
+        }
     }
     pub fn resource_locked(text: impl Into<String>) -> Self {
-        BrokerError { code: 405, text: format!("RESOURCE_LOCKED - {}", text.into()) }
+        BrokerError {
+            code: 405,
+            text: format!("RESOURCE_LOCKED - {}", text.into()),
+        }
     }
     pub fn precondition_failed(text: impl Into<String>) -> Self {
-        BrokerError { code: 406, text: format!("PRECONDITION_FAILED - {}", text.into()) }
+        BrokerError {
+            code: 406,
+            text: format!("PRECONDITION_FAILED - {}", text.into()),
+        }
     }
     pub fn command_invalid(text: impl Into<String>) -> Self {
-        BrokerError { code: 503, text: format!("COMMAND_INVALID - {}", text.into()) }
+        BrokerError {
+            code: 503,
+            text: format!("COMMAND_INVALID - {}", text.into()),
+        }
     }
     pub fn not_implemented(text: impl Into<String>) -> Self {
-        BrokerError { code: 540, text: format!("NOT_IMPLEMENTED - {}", text.into()) }
+        BrokerError {
+            code: 540,
+            text: format!("NOT_IMPLEMENTED - {}", text.into()),
+        }
     }
 }
