@@ -72,8 +72,7 @@ impl Config {
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))
     }
 }
 
@@ -83,10 +82,17 @@ mod tests {
 
     #[test]
     fn a_toml_file_overrides_only_what_it_names() {
-        let c: Config = toml::from_str("heartbeat = 30\n[[users]]\nname='a'\npassword='b'\n").unwrap();
+        let c: Config =
+            toml::from_str("heartbeat = 30\n[[users]]\nname='a'\npassword='b'\n").unwrap();
         assert_eq!(c.heartbeat, 30);
         assert_eq!(c.frame_max, 131_072);
-        assert_eq!(c.users, vec![User { name: "a".into(), password: "b".into() }]);
+        assert_eq!(
+            c.users,
+            vec![User {
+                name: "a".into(),
+                password: "b".into()
+            }]
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@ use warren::cli::{Cli, Command, init_logging};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Server(args) => {
             init_logging(args.log_level.as_deref(), args.log_json);

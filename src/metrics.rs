@@ -49,21 +49,77 @@ impl Metrics {
         };
         // prometheus-client appends `_total` to counter names.
         let r = &mut registry;
-        r.register("rabbitmq_connections_opened", "Connections opened", m.connections_opened.clone());
-        r.register("rabbitmq_connections_closed", "Connections closed", m.connections_closed.clone());
-        r.register("rabbitmq_connections", "Open connections", m.connections.clone());
-        r.register("rabbitmq_channels_opened", "Channels opened", m.channels_opened.clone());
-        r.register("rabbitmq_channels_closed", "Channels closed", m.channels_closed.clone());
+        r.register(
+            "rabbitmq_connections_opened",
+            "Connections opened",
+            m.connections_opened.clone(),
+        );
+        r.register(
+            "rabbitmq_connections_closed",
+            "Connections closed",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "rabbitmq_connections",
+            "Open connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "rabbitmq_channels_opened",
+            "Channels opened",
+            m.channels_opened.clone(),
+        );
+        r.register(
+            "rabbitmq_channels_closed",
+            "Channels closed",
+            m.channels_closed.clone(),
+        );
         r.register("rabbitmq_channels", "Open channels", m.channels.clone());
-        r.register("rabbitmq_global_messages_received", "Messages published to the node", m.published.clone());
-        r.register("rabbitmq_global_messages_delivered", "Messages delivered to consumers", m.delivered.clone());
-        r.register("rabbitmq_global_messages_acknowledged", "Messages acknowledged by consumers", m.acked.clone());
-        r.register("rabbitmq_global_messages_confirmed", "Publisher confirms sent", m.confirmed.clone());
-        r.register("rabbitmq_global_messages_unroutable_returned", "Unroutable mandatory messages returned", m.unroutable_returned.clone());
-        r.register("rabbitmq_global_messages_unroutable_dropped", "Unroutable messages dropped", m.unroutable_dropped.clone());
-        r.register("rabbitmq_global_messages_dead_lettered", "Messages dead-lettered", m.dead_lettered.clone());
-        r.register("rabbitmq_process_resident_memory_bytes", "Resident memory of the node", m.memory_used_bytes.clone());
-        r.register("rabbitmq_alarms_memory_used_watermark", "1 while the memory alarm blocks publishers", m.memory_alarm.clone());
+        r.register(
+            "rabbitmq_global_messages_received",
+            "Messages published to the node",
+            m.published.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_delivered",
+            "Messages delivered to consumers",
+            m.delivered.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_acknowledged",
+            "Messages acknowledged by consumers",
+            m.acked.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_confirmed",
+            "Publisher confirms sent",
+            m.confirmed.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_unroutable_returned",
+            "Unroutable mandatory messages returned",
+            m.unroutable_returned.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_unroutable_dropped",
+            "Unroutable messages dropped",
+            m.unroutable_dropped.clone(),
+        );
+        r.register(
+            "rabbitmq_global_messages_dead_lettered",
+            "Messages dead-lettered",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "rabbitmq_process_resident_memory_bytes",
+            "Resident memory of the node",
+            m.memory_used_bytes.clone(),
+        );
+        r.register(
+            "rabbitmq_alarms_memory_used_watermark",
+            "1 while the memory alarm blocks publishers",
+            m.memory_alarm.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

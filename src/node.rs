@@ -158,7 +158,11 @@ impl Node {
 
     /// Deletes a queue's definition and stops its runner, which cancels its
     /// consumers. Returns the number of ready messages it held.
-    pub async fn delete_queue(self: &Arc<Self>, vhost: &str, name: &str) -> Result<u64, BrokerError> {
+    pub async fn delete_queue(
+        self: &Arc<Self>,
+        vhost: &str,
+        name: &str,
+    ) -> Result<u64, BrokerError> {
         let count = match self.queue(vhost, name) {
             Some(h) => h.counts().await.map(|c| c.ready).unwrap_or(0),
             None => 0,
@@ -345,7 +349,10 @@ pub fn add_x_death(msg: &Message, queue: &str, reason: DeadLetterReason, now_ms:
             };
             let count = crate::message::table_int(&t, "count").unwrap_or(0) + 1;
             t.insert(ShortString::from("count"), AMQPValue::LongLongInt(count));
-            t.insert(ShortString::from("time"), AMQPValue::Timestamp(now_ms / 1000));
+            t.insert(
+                ShortString::from("time"),
+                AMQPValue::Timestamp(now_ms / 1000),
+            );
             t
         }
         None => {
@@ -353,7 +360,10 @@ pub fn add_x_death(msg: &Message, queue: &str, reason: DeadLetterReason, now_ms:
             t.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
             t.insert(ShortString::from("reason"), ls(reason.as_str()));
             t.insert(ShortString::from("queue"), ls(queue));
-            t.insert(ShortString::from("time"), AMQPValue::Timestamp(now_ms / 1000));
+            t.insert(
+                ShortString::from("time"),
+                AMQPValue::Timestamp(now_ms / 1000),
+            );
             t.insert(ShortString::from("exchange"), ls(&msg.exchange));
             t.insert(
                 ShortString::from("routing-keys"),
@@ -367,13 +377,25 @@ pub fn add_x_death(msg: &Message, queue: &str, reason: DeadLetterReason, now_ms:
     };
     deaths.insert(0, AMQPValue::FieldTable(entry));
     if !headers.contains_key("x-first-death-reason") {
-        headers.insert(ShortString::from("x-first-death-reason"), ls(reason.as_str()));
+        headers.insert(
+            ShortString::from("x-first-death-reason"),
+            ls(reason.as_str()),
+        );
         headers.insert(ShortString::from("x-first-death-queue"), ls(queue));
-        headers.insert(ShortString::from("x-first-death-exchange"), ls(&msg.exchange));
+        headers.insert(
+            ShortString::from("x-first-death-exchange"),
+            ls(&msg.exchange),
+        );
     }
-    headers.insert(ShortString::from("x-last-death-reason"), ls(reason.as_str()));
+    headers.insert(
+        ShortString::from("x-last-death-reason"),
+        ls(reason.as_str()),
+    );
     headers.insert(ShortString::from("x-last-death-queue"), ls(queue));
-    headers.insert(ShortString::from("x-last-death-exchange"), ls(&msg.exchange));
+    headers.insert(
+        ShortString::from("x-last-death-exchange"),
+        ls(&msg.exchange),
+    );
     headers.insert(
         ShortString::from("x-death"),
         AMQPValue::FieldArray(FieldArray::from(deaths)),
@@ -382,19 +404,45 @@ pub fn add_x_death(msg: &Message, queue: &str, reason: DeadLetterReason, now_ms:
     // not expire again in the dead-letter queue (RabbitMQ does the same).
     props = props.with_headers(headers);
     let mut cleared = amq_protocol::protocol::BasicProperties::default();
-    if let Some(v) = props.content_type() { cleared = cleared.with_content_type(v.clone()); }
-    if let Some(v) = props.content_encoding() { cleared = cleared.with_content_encoding(v.clone()); }
-    if let Some(v) = props.headers() { cleared = cleared.with_headers(v.clone()); }
-    if let Some(v) = props.delivery_mode() { cleared = cleared.with_delivery_mode(*v); }
-    if let Some(v) = props.priority() { cleared = cleared.with_priority(*v); }
-    if let Some(v) = props.correlation_id() { cleared = cleared.with_correlation_id(v.clone()); }
-    if let Some(v) = props.reply_to() { cleared = cleared.with_reply_to(v.clone()); }
-    if let Some(v) = props.message_id() { cleared = cleared.with_message_id(v.clone()); }
-    if let Some(v) = props.timestamp() { cleared = cleared.with_timestamp(*v); }
-    if let Some(v) = props.kind() { cleared = cleared.with_type(v.clone()); }
-    if let Some(v) = props.user_id() { cleared = cleared.with_user_id(v.clone()); }
-    if let Some(v) = props.app_id() { cleared = cleared.with_app_id(v.clone()); }
-    if let Some(v) = props.cluster_id() { cleared = cleared.with_cluster_id(v.clone()); }
+    if let Some(v) = props.content_type() {
+        cleared = cleared.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        cleared = cleared.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        cleared = cleared.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        cleared = cleared.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        cleared = cleared.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        cleared = cleared.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        cleared = cleared.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        cleared = cleared.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        cleared = cleared.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        cleared = cleared.with_type(v.clone());
+    }
+    if let Some(v) = props.user_id() {
+        cleared = cleared.with_user_id(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        cleared = cleared.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        cleared = cleared.with_cluster_id(v.clone());
+    }
     let mut out = msg.with_properties(&cleared);
     out.expiration_ms = None;
     out

@@ -14,12 +14,22 @@ const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let amqp = TcpListener::bind(node.config.amqp_listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for AMQP on {}: {e}", node.config.amqp_listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen for AMQP on {}: {e}", node.config.amqp_listen)
+        })?;
     let admin = TcpListener::bind(node.config.admin_listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {}: {e}", node.config.admin_listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for HTTP on {}: {e}",
+                node.config.admin_listen
+            )
+        })?;
     std::fs::create_dir_all(&node.config.data_dir).map_err(|e| {
-        anyhow::anyhow!("cannot create data dir {}: {e}", node.config.data_dir.display())
+        anyhow::anyhow!(
+            "cannot create data dir {}: {e}",
+            node.config.data_dir.display()
+        )
     })?;
     tracing::info!(
         amqp = %amqp.local_addr()?,

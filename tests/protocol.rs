@@ -23,13 +23,19 @@ fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
 fn assert_server_healthy(server: &Server) {
     let mut r = Raw::handshake(server, 0, &[]);
     r.open_channel(1);
-    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
-        reply_code: 200,
-        reply_text: "bye".into(),
-        class_id: 0,
-        method_id: 0,
-    })));
-    assert!(matches!(r.recv_method(), Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))));
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    assert!(matches!(
+        r.recv_method(),
+        Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))
+    ));
 }
 
 #[test]
@@ -95,7 +101,11 @@ fn truncated_method_arguments_close_the_connection_with_502() {
     let mut r = Raw::handshake(&server, 0, &[]);
     r.open_channel(1);
     // queue.declare whose queue name claims 200 bytes but has 3.
-    r.send(&frame(FRAME_METHOD, 1, &[0, 50, 0, 10, 0, 0, 200, b'a', b'b', b'c']));
+    r.send(&frame(
+        FRAME_METHOD,
+        1,
+        &[0, 50, 0, 10, 0, 0, 200, b'a', b'b', b'c'],
+    ));
     assert_eq!(r.expect_connection_close(), 502);
 }
 
@@ -106,7 +116,6 @@ fn a_frame_on_an_unopened_channel_closes_the_connection_with_504() {
     r.send_method(
         7,
         &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
-            prefetch_size: 0,
             prefetch_count: 1,
             global: false,
         })),
@@ -123,7 +132,11 @@ fn a_content_frame_without_a_publish_closes_the_connection_with_505() {
     assert_eq!(r.expect_connection_close(), 505);
     let mut r = Raw::handshake(&server, 0, &[]);
     r.open_channel(1);
-    r.send(&frame(FRAME_HEADER, 1, &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0]));
+    r.send(&frame(
+        FRAME_HEADER,
+        1,
+        &[0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+    ));
     assert_eq!(r.expect_connection_close(), 505);
 }
 
@@ -141,7 +154,10 @@ fn a_method_where_a_content_header_is_due_closes_the_connection_with_505() {
             immediate: false,
         })),
     );
-    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Flow(chan::Flow { active: true })));
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::Flow(chan::Flow { active: true })),
+    );
     assert_eq!(r.expect_connection_close(), 505);
 }
 
@@ -151,7 +167,11 @@ fn a_truncated_frame_followed_by_a_hangup_leaves_the_server_serving() {
     {
         let mut r = Raw::handshake(&server, 0, &[]);
         r.open_channel(1);
-        let f = frame(FRAME_METHOD, 1, &[0, 50, 0, 10, 0, 0, 1, b'q', 0, 0, 0, 0, 0, 0]);
+        let f = frame(
+            FRAME_METHOD,
+            1,
+            &[0, 50, 0, 10, 0, 0, 1, b'q', 0, 0, 0, 0, 0, 0],
+        );
         r.send(&f[..f.len() / 2]);
     }
     assert_server_healthy(&server);
@@ -164,11 +184,22 @@ fn a_client_that_never_sends_the_header_is_closed_after_the_handshake_timeout() 
     let started = Instant::now();
     assert!(matches!(r.recv(), Got::Eof));
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(250), "closed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early: {waited:?}"
+    );
     assert!(server.wait_for_log("handshake timeout", Duration::from_secs(5)));
-    let lines: Vec<_> = server.log().into_iter().filter(|l| l.contains("handshake timeout")).collect();
+    let lines: Vec<_> = server
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("handshake timeout"))
+        .collect();
     assert_eq!(lines.len(), 1, "logged once: {lines:?}");
-    assert!(lines[0].contains("127.0.0.1"), "the line names the peer: {}", lines[0]);
+    assert!(
+        lines[0].contains("127.0.0.1"),
+        "the line names the peer: {}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -202,8 +233,14 @@ fn a_silent_client_is_disconnected_after_two_heartbeat_intervals() {
     }
     let waited = started.elapsed();
     assert!(heartbeats >= 1, "the server sent no heartbeat");
-    assert!(waited >= Duration::from_millis(1900), "closed after {waited:?}, before two intervals");
-    assert!(waited < Duration::from_secs(6), "closed only after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "closed after {waited:?}, before two intervals"
+    );
+    assert!(
+        waited < Duration::from_secs(6),
+        "closed only after {waited:?}"
+    );
 }
 
 #[test]
@@ -215,7 +252,10 @@ fn wrong_credentials_are_refused_with_403() {
         panic!("expected start")
     };
     let mechs = String::from_utf8_lossy(s.mechanisms.as_bytes()).to_string();
-    assert!(mechs.contains("PLAIN") && mechs.contains("AMQPLAIN"), "{mechs}");
+    assert!(
+        mechs.contains("PLAIN") && mechs.contains("AMQPLAIN"),
+        "{mechs}"
+    );
     r.send_method(
         0,
         &AMQPClass::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
@@ -232,7 +272,10 @@ fn wrong_credentials_are_refused_with_403() {
 fn channel_numbers_above_channel_max_are_refused() {
     let server = Server::start_with(&["--channel-max", "10"]);
     let mut r = Raw::handshake(&server, 0, &[]);
-    r.send_method(11, &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})));
+    r.send_method(
+        11,
+        &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
+    );
     assert_eq!(r.expect_connection_close(), 504);
 }
 
@@ -241,6 +284,9 @@ fn a_second_channel_open_on_the_same_channel_is_a_channel_error() {
     let server = Server::start();
     let mut r = Raw::handshake(&server, 0, &[]);
     r.open_channel(1);
-    r.send_method(1, &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})));
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::Open(chan::Open {})),
+    );
     assert_eq!(r.expect_connection_close(), 504);
 }

@@ -46,7 +46,10 @@ struct Watermark {
 
 /// Changes the memory high watermark at run time, like
 /// `rabbitmqctl set_vm_memory_high_watermark`.
-async fn set_watermark(State(node): State<Arc<Node>>, Json(w): Json<Watermark>) -> impl IntoResponse {
+async fn set_watermark(
+    State(node): State<Arc<Node>>,
+    Json(w): Json<Watermark>,
+) -> impl IntoResponse {
     let limit = match (w.fraction, w.bytes) {
         (Some(f), None) if f > 0.0 && f <= 1.0 => crate::server::fraction_of_memory(f),
         (None, Some(b)) => b,
@@ -65,8 +68,14 @@ async fn set_watermark(State(node): State<Arc<Node>>, Json(w): Json<Watermark>) 
 
 async fn overview(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let queues = node.all_queues();
-    let ready: u64 = queues.iter().map(|q| q.stats.ready.load(Ordering::Relaxed)).sum();
-    let unacked: u64 = queues.iter().map(|q| q.stats.unacked.load(Ordering::Relaxed)).sum();
+    let ready: u64 = queues
+        .iter()
+        .map(|q| q.stats.ready.load(Ordering::Relaxed))
+        .sum();
+    let unacked: u64 = queues
+        .iter()
+        .map(|q| q.stats.unacked.load(Ordering::Relaxed))
+        .sum();
     Json(json!({
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
@@ -107,7 +116,11 @@ async fn queues(State(node): State<Arc<Node>>) -> impl IntoResponse {
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let mut text = String::new();
     if prometheus_client::encoding::text::encode(&mut text, &node.metrics.registry).is_err() {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding failed".to_owned()).into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed".to_owned(),
+        )
+            .into_response();
     }
     // The registry's text ends with OpenMetrics' EOF marker, which must stay last.
     if let Some(stripped) = text.strip_suffix("# EOF\n") {
@@ -116,8 +129,16 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     // Per-queue gauges, with RabbitMQ's names and labels.
     let queues = node.all_queues();
     for (name, help, pick) in [
-        ("rabbitmq_queue_messages_ready", "Messages ready to be delivered", 0),
-        ("rabbitmq_queue_messages_unacked", "Messages delivered and not yet acknowledged", 1),
+        (
+            "rabbitmq_queue_messages_ready",
+            "Messages ready to be delivered",
+            0,
+        ),
+        (
+            "rabbitmq_queue_messages_unacked",
+            "Messages delivered and not yet acknowledged",
+            1,
+        ),
         ("rabbitmq_queue_consumers", "Consumers on a queue", 2),
     ] {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
@@ -137,12 +158,17 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     text.push_str("# EOF\n");
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
     )
         .into_response()
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

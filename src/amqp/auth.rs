@@ -57,7 +57,10 @@ mod tests {
     #[test]
     fn plain_and_amqplain_responses_decode_as_clients_encode_them() {
         let c = Credentials::new("user".into(), "p\u{e4}ss".into());
-        for (m, name) in [(SASLMechanism::Plain, "PLAIN"), (SASLMechanism::AMQPlain, "AMQPLAIN")] {
+        for (m, name) in [
+            (SASLMechanism::Plain, "PLAIN"),
+            (SASLMechanism::AMQPlain, "AMQPLAIN"),
+        ] {
             let r = c.sasl_auth_string(m);
             assert_eq!(
                 decode_response(name, r.as_bytes()),

@@ -12,13 +12,17 @@ use super::confirms::Confirms;
 use super::connection::{Conn, short};
 use super::frame::Frame;
 use super::reply::{self, AmqpError};
-use crate::broker::metadata::{BindingDef, Destination, ExchangeDef, ExchangeKind, MetaCommand, QueueDef};
+use crate::broker::metadata::{
+    BindingDef, Destination, ExchangeDef, ExchangeKind, MetaCommand, QueueDef,
+};
 use crate::message::{Message, parse_expiration};
 use crate::node::{ChannelEvent, now_ms};
 use crate::queue::command::{Command, ConfirmRef, ConsumerSpec, Effect, MsgId, OwnerId};
 use crate::queue::config::QueueConfig;
 use crate::queue::runner::{QueueHandle, Request};
-use amq_protocol::protocol::{AMQPClass, BasicProperties, access, basic, channel as chan, confirm, exchange, queue, tx};
+use amq_protocol::protocol::{
+    AMQPClass, BasicProperties, access, basic, channel as chan, confirm, exchange, queue, tx,
+};
 use amq_protocol::types::{AMQPValue, ShortString};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -49,9 +53,15 @@ struct ConsumerInfo {
 
 /// Work a transaction holds until `tx.commit`.
 enum TxOp {
-    Publish { msg: Message, queues: Vec<Arc<str>> },
+    Publish {
+        msg: Message,
+        queues: Vec<Arc<str>>,
+    },
     Ack(Vec<(u64, Unacked)>),
-    Nack { items: Vec<(u64, Unacked)>, requeue: bool },
+    Nack {
+        items: Vec<(u64, Unacked)>,
+        requeue: bool,
+    },
 }
 
 #[derive(Default)]
@@ -82,11 +92,45 @@ fn random_suffix() -> String {
         .collect()
 }
 
+/// Writes a reply method: `ok!(self, ch, module, Method, value)`.
 macro_rules! ok {
-    ($self:ident, $ch:expr, $class:ident, $variant:ident, $value:expr) => {
+    ($self:ident, $ch:expr, chan, $variant:ident, $value:expr) => {
         $self
             .out
-            .method($ch, &AMQPClass::$class($class::AMQPMethod::$variant($value)))
+            .method($ch, &AMQPClass::Channel(chan::AMQPMethod::$variant($value)))
+    };
+    ($self:ident, $ch:expr, basic, $variant:ident, $value:expr) => {
+        $self
+            .out
+            .method($ch, &AMQPClass::Basic(basic::AMQPMethod::$variant($value)))
+    };
+    ($self:ident, $ch:expr, queue, $variant:ident, $value:expr) => {
+        $self
+            .out
+            .method($ch, &AMQPClass::Queue(queue::AMQPMethod::$variant($value)))
+    };
+    ($self:ident, $ch:expr, exchange, $variant:ident, $value:expr) => {
+        $self.out.method(
+            $ch,
+            &AMQPClass::Exchange(exchange::AMQPMethod::$variant($value)),
+        )
+    };
+    ($self:ident, $ch:expr, confirm, $variant:ident, $value:expr) => {
+        $self.out.method(
+            $ch,
+            &AMQPClass::Confirm(confirm::AMQPMethod::$variant($value)),
+        )
+    };
+    ($self:ident, $ch:expr, tx, $variant:ident, $value:expr) => {
+        $self
+            .out
+            .method($ch, &AMQPClass::Tx(tx::AMQPMethod::$variant($value)))
+    };
+    ($self:ident, $ch:expr, access, $variant:ident, $value:expr) => {
+        $self.out.method(
+            $ch,
+            &AMQPClass::Access(access::AMQPMethod::$variant($value)),
+        )
     };
 }
 
@@ -95,10 +139,19 @@ impl Conn {
     pub(super) async fn on_channel_frame(&mut self, ch: u16, f: Frame) -> Result<(), AmqpError> {
         let Some(mut c) = self.channels.remove(&ch) else {
             return match f {
-                Frame::Method { method, .. } if matches!(*method, AMQPClass::Channel(chan::AMQPMethod::Open(_))) => {
+                Frame::Method { method, .. }
+                    if matches!(*method, AMQPClass::Channel(chan::AMQPMethod::Open(_))) =>
+                {
                     let owner = self.node.next_id();
                     self.node.register_owner(owner, self.events.clone(), ch);
-                    self.channels.insert(ch, Channel { owner, next_tag: 1, ..Default::default() });
+                    self.channels.insert(
+                        ch,
+                        Channel {
+                            owner,
+                            next_tag: 1,
+                            ..Default::default()
+                        },
+                    );
                     self.node.metrics.channels_opened.inc();
                     self.node.metrics.channels.inc();
                     ok!(self, ch, chan, OpenOk, chan::OpenOk {});
@@ -164,25 +217,52 @@ impl Conn {
     }
 
     /// Ok(None) when the channel has been closed and must not be kept.
-    async fn channel_frame(&mut self, ch: u16, c: &mut Channel, f: Frame) -> Result<Option<()>, AmqpError> {
+    async fn channel_frame(
+        &mut self,
+        ch: u16,
+        c: &mut Channel,
+        f: Frame,
+    ) -> Result<Option<()>, AmqpError> {
         match f {
-            Frame::Method { method, class_id, method_id, .. } => {
+            Frame::Method {
+                method,
+                class_id,
+                method_id,
+                ..
+            } => {
                 if c.content.is_some() {
                     return Err(AmqpError::new(
                         reply::UNEXPECTED_FRAME,
-                        format!("expected content header for class 60, got non content header frame instead (method {class_id}/{method_id})"),
+                        format!(
+                            "expected content header for class 60, got non content header frame instead (method {class_id}/{method_id})"
+                        ),
                     ));
                 }
-                self.channel_method(ch, c, *method)
-                    .await
-                    .map_err(|e| if e.class_id == 0 { e.on(class_id, method_id) } else { e })
+                self.channel_method(ch, c, *method).await.map_err(|e| {
+                    if e.class_id == 0 {
+                        e.on(class_id, method_id)
+                    } else {
+                        e
+                    }
+                })
             }
-            Frame::Header { class_id, body_size, raw_properties, .. } => {
+            Frame::Header {
+                class_id,
+                body_size,
+                raw_properties,
+                ..
+            } => {
                 let Some(p) = c.content.as_mut().filter(|p| p.header.is_none()) else {
-                    return Err(AmqpError::new(reply::UNEXPECTED_FRAME, "content header frame without a publish"));
+                    return Err(AmqpError::new(
+                        reply::UNEXPECTED_FRAME,
+                        "content header frame without a publish",
+                    ));
                 };
                 if class_id != 60 {
-                    return Err(AmqpError::new(reply::UNEXPECTED_FRAME, format!("content header for class {class_id}")));
+                    return Err(AmqpError::new(
+                        reply::UNEXPECTED_FRAME,
+                        format!("content header for class {class_id}"),
+                    ));
                 }
                 if body_size > self.node.config.max_message_size {
                     c.content = None;
@@ -204,12 +284,19 @@ impl Conn {
             }
             Frame::Body { payload, .. } => {
                 let Some(p) = c.content.as_mut().filter(|p| p.header.is_some()) else {
-                    return Err(AmqpError::new(reply::UNEXPECTED_FRAME, "content body frame without a header"));
+                    return Err(AmqpError::new(
+                        reply::UNEXPECTED_FRAME,
+                        "content body frame without a header",
+                    ));
                 };
                 let size = p.header.as_ref().map(|h| h.0).unwrap_or(0);
-                let have = p.body.len() as u64 + p.first_body.as_ref().map_or(0, |b| b.len() as u64);
+                let have =
+                    p.body.len() as u64 + p.first_body.as_ref().map_or(0, |b| b.len() as u64);
                 if have + payload.len() as u64 > size {
-                    return Err(AmqpError::new(reply::FRAME_ERROR, "content body exceeds the size in its header"));
+                    return Err(AmqpError::new(
+                        reply::FRAME_ERROR,
+                        "content body exceeds the size in its header",
+                    ));
                 }
                 // A body in one frame is kept as the read buffer's slice; only
                 // a body split over frames is assembled by copying.
@@ -225,7 +312,8 @@ impl Conn {
                     }
                     p.body.extend_from_slice(&payload);
                 }
-                let have = p.body.len() as u64 + p.first_body.as_ref().map_or(0, |b| b.len() as u64);
+                let have =
+                    p.body.len() as u64 + p.first_body.as_ref().map_or(0, |b| b.len() as u64);
                 if have == size {
                     self.complete_publish(ch, c).await?;
                 }
@@ -235,10 +323,15 @@ impl Conn {
         }
     }
 
-    async fn channel_method(&mut self, ch: u16, c: &mut Channel, m: AMQPClass) -> Result<Option<()>, AmqpError> {
+    async fn channel_method(
+        &mut self,
+        ch: u16,
+        c: &mut Channel,
+        m: AMQPClass,
+    ) -> Result<Option<()>, AmqpError> {
         match m {
             AMQPClass::Basic(b) => self.basic_method(ch, c, b).await?,
-            AMQPClass::Queue(q) => self.queue_method(ch, c, q).await?,
+            AMQPClass::Queue(q) => self.queue_method(ch, q).await?,
             AMQPClass::Exchange(e) => self.exchange_method(ch, e)?,
             AMQPClass::Channel(chan::AMQPMethod::Close(_)) => {
                 self.release_channel(c).await;
@@ -247,18 +340,27 @@ impl Conn {
                 return Ok(None);
             }
             AMQPClass::Channel(chan::AMQPMethod::Open(_)) => {
-                return Err(AmqpError::new(reply::CHANNEL_ERROR, format!("second 'channel.open' seen on channel {ch}")));
+                return Err(AmqpError::new(
+                    reply::CHANNEL_ERROR,
+                    format!("second 'channel.open' seen on channel {ch}"),
+                ));
             }
             AMQPClass::Channel(chan::AMQPMethod::Flow(f)) => {
                 if !f.active {
-                    return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "active=false is not supported"));
+                    return Err(AmqpError::new(
+                        reply::NOT_IMPLEMENTED,
+                        "active=false is not supported",
+                    ));
                 }
                 ok!(self, ch, chan, FlowOk, chan::FlowOk { active: true });
             }
             AMQPClass::Channel(chan::AMQPMethod::CloseOk(_) | chan::AMQPMethod::FlowOk(_)) => {}
             AMQPClass::Confirm(confirm::AMQPMethod::Select(s)) => {
                 if c.tx.is_some() {
-                    return Err(AmqpError::new(reply::PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "cannot switch from tx to confirm mode",
+                    ));
                 }
                 c.confirms.get_or_insert_with(Confirms::default);
                 if !s.nowait {
@@ -314,8 +416,15 @@ impl Conn {
             exchange::AMQPMethod::Delete(d) => {
                 let name = d.exchange.as_str().to_owned();
                 // Deleting an exchange that does not exist succeeds, as in RabbitMQ.
-                if self.node.meta().exchange(&vhost, &name).is_some() || name.is_empty() || name.starts_with("amq.") {
-                    self.node.apply_meta(MetaCommand::DeleteExchange { vhost, name, if_unused: d.if_unused })?;
+                if self.node.meta().exchange(&vhost, &name).is_some()
+                    || name.is_empty()
+                    || name.starts_with("amq.")
+                {
+                    self.node.apply_meta(MetaCommand::DeleteExchange {
+                        vhost,
+                        name,
+                        if_unused: d.if_unused,
+                    })?;
                 }
                 if !d.nowait {
                     ok!(self, ch, exchange, DeleteOk, exchange::DeleteOk {});
@@ -349,7 +458,12 @@ impl Conn {
                     ok!(self, ch, exchange, UnbindOk, exchange::UnbindOk {});
                 }
             }
-            _ => return Err(AmqpError::new(reply::COMMAND_INVALID, "server-only exchange method")),
+            _ => {
+                return Err(AmqpError::new(
+                    reply::COMMAND_INVALID,
+                    "server-only exchange method",
+                ));
+            }
         }
         Ok(())
     }
@@ -359,13 +473,18 @@ impl Conn {
     /// The queue a method names; an empty name means the channel's last
     /// declared queue in AMQP 0-8, which RabbitMQ no longer supports either.
     fn queue_access(&self, name: &str) -> Result<QueueHandle, AmqpError> {
-        self.node.meta().check_queue_access(&self.vhost, name, self.id)?;
         self.node
-            .queue(&self.vhost, name)
-            .ok_or_else(|| AmqpError::new(reply::NOT_FOUND, format!("no queue '{name}' in vhost '{}'", self.vhost)))
+            .meta()
+            .check_queue_access(&self.vhost, name, self.id)?;
+        self.node.queue(&self.vhost, name).ok_or_else(|| {
+            AmqpError::new(
+                reply::NOT_FOUND,
+                format!("no queue '{name}' in vhost '{}'", self.vhost),
+            )
+        })
     }
 
-    async fn queue_method(&mut self, ch: u16, c: &mut Channel, m: queue::AMQPMethod) -> Result<(), AmqpError> {
+    async fn queue_method(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), AmqpError> {
         let vhost = self.vhost.clone();
         match m {
             queue::AMQPMethod::Declare(d) => {
@@ -377,11 +496,17 @@ impl Conn {
                     let h = self.queue_access(&name)?;
                     let counts = h.counts().await.unwrap_or_default();
                     if !d.nowait {
-                        ok!(self, ch, queue, DeclareOk, queue::DeclareOk {
-                            queue: ShortString::from(name.as_str()),
-                            message_count: counts.ready as u32,
-                            consumer_count: counts.consumers as u32,
-                        });
+                        ok!(
+                            self,
+                            ch,
+                            queue,
+                            DeclareOk,
+                            queue::DeclareOk {
+                                queue: ShortString::from(name.as_str()),
+                                message_count: counts.ready as u32,
+                                consumer_count: counts.consumers as u32,
+                            }
+                        );
                     }
                     return Ok(());
                 }
@@ -391,9 +516,13 @@ impl Conn {
                         format!("queue name '{name}' contains reserved prefix 'amq.*'"),
                     ));
                 }
-                QueueConfig::from_arguments(d.durable, d.exclusive, d.auto_delete, &d.arguments).map_err(|e| {
-                    AmqpError::new(reply::PRECONDITION_FAILED, format!("{e} (queue '{name}' in vhost '{vhost}')"))
-                })?;
+                QueueConfig::from_arguments(d.durable, d.exclusive, d.auto_delete, &d.arguments)
+                    .map_err(|e| {
+                        AmqpError::new(
+                            reply::PRECONDITION_FAILED,
+                            format!("{e} (queue '{name}' in vhost '{vhost}')"),
+                        )
+                    })?;
                 self.node.apply_meta(MetaCommand::DeclareQueue {
                     vhost: vhost.clone(),
                     def: QueueDef {
@@ -405,14 +534,22 @@ impl Conn {
                     },
                 })?;
                 let h = self.queue_access(&name)?;
-                let _ = h.send(Request::Apply(Command::Touch { now_ms: now_ms() }, None)).await;
+                let _ = h
+                    .send(Request::Apply(Command::Touch { now_ms: now_ms() }, None))
+                    .await;
                 let counts = h.counts().await.unwrap_or_default();
                 if !d.nowait {
-                    ok!(self, ch, queue, DeclareOk, queue::DeclareOk {
-                        queue: ShortString::from(name.as_str()),
-                        message_count: counts.ready as u32,
-                        consumer_count: counts.consumers as u32,
-                    });
+                    ok!(
+                        self,
+                        ch,
+                        queue,
+                        DeclareOk,
+                        queue::DeclareOk {
+                            queue: ShortString::from(name.as_str()),
+                            message_count: counts.ready as u32,
+                            consumer_count: counts.consumers as u32,
+                        }
+                    );
                 }
             }
             queue::AMQPMethod::Bind(b) => {
@@ -454,7 +591,15 @@ impl Conn {
                     }
                 }
                 if !p.nowait {
-                    ok!(self, ch, queue, PurgeOk, queue::PurgeOk { message_count: count as u32 });
+                    ok!(
+                        self,
+                        ch,
+                        queue,
+                        PurgeOk,
+                        queue::PurgeOk {
+                            message_count: count as u32
+                        }
+                    );
                 }
             }
             queue::AMQPMethod::Delete(d) => {
@@ -480,29 +625,49 @@ impl Conn {
                     self.node.delete_queue(&vhost, name).await?
                 };
                 if !d.nowait {
-                    ok!(self, ch, queue, DeleteOk, queue::DeleteOk { message_count: count as u32 });
+                    ok!(
+                        self,
+                        ch,
+                        queue,
+                        DeleteOk,
+                        queue::DeleteOk {
+                            message_count: count as u32
+                        }
+                    );
                 }
             }
-            _ => return Err(AmqpError::new(reply::COMMAND_INVALID, "server-only queue method")),
+            _ => {
+                return Err(AmqpError::new(
+                    reply::COMMAND_INVALID,
+                    "server-only queue method",
+                ));
+            }
         }
         Ok(())
     }
 
     // ----- basic -----------------------------------------------------------
 
-    async fn basic_method(&mut self, ch: u16, c: &mut Channel, m: basic::AMQPMethod) -> Result<(), AmqpError> {
+    async fn basic_method(
+        &mut self,
+        ch: u16,
+        c: &mut Channel,
+        m: basic::AMQPMethod,
+    ) -> Result<(), AmqpError> {
         match m {
             basic::AMQPMethod::Publish(p) => {
                 if p.immediate {
                     return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "immediate=true"));
                 }
                 self.has_published = true;
-                c.content = Some(Pending { publish: p, header: None, body: BytesMut::new(), first_body: None });
+                c.content = Some(Pending {
+                    publish: p,
+                    header: None,
+                    body: BytesMut::new(),
+                    first_body: None,
+                });
             }
             basic::AMQPMethod::Qos(q) => {
-                if q.prefetch_size != 0 {
-                    return Err(AmqpError::new(reply::NOT_IMPLEMENTED, format!("prefetch_size!=0 ({})", q.prefetch_size)));
-                }
                 // Both global and per-consumer prefetch limit each consumer
                 // created afterwards (quorum queues do not share a limit
                 // across a channel's consumers; see README).
@@ -517,32 +682,70 @@ impl Conn {
                 } else if let Some(info) = c.consumers.remove(&tag) {
                     if let Some(h) = self.node.queue(&self.vhost, &info.queue) {
                         let _ = h
-                            .send(Request::Apply(Command::Cancel { owner: c.owner, tag: tag.clone(), now_ms: now_ms() }, None))
+                            .send(Request::Apply(
+                                Command::Cancel {
+                                    owner: c.owner,
+                                    tag: tag.clone(),
+                                    now_ms: now_ms(),
+                                },
+                                None,
+                            ))
                             .await;
                     }
                 }
                 if !k.nowait {
-                    ok!(self, ch, basic, CancelOk, basic::CancelOk { consumer_tag: k.consumer_tag });
+                    ok!(
+                        self,
+                        ch,
+                        basic,
+                        CancelOk,
+                        basic::CancelOk {
+                            consumer_tag: k.consumer_tag
+                        }
+                    );
                 }
             }
             basic::AMQPMethod::Get(g) => {
                 let h = self.queue_access(g.queue.as_str())?;
                 c.queues_used.insert(h.name.clone());
                 let effects = h
-                    .call(Command::Get { owner: c.owner, no_ack: g.no_ack, now_ms: now_ms() })
+                    .call(Command::Get {
+                        owner: c.owner,
+                        no_ack: g.no_ack,
+                        now_ms: now_ms(),
+                    })
                     .await
                     .unwrap_or_default();
                 let mut answered = false;
                 for e in effects {
                     match e {
-                        Effect::GetOk { id, msg, redelivered, delivery_count, remaining, .. } => {
+                        Effect::GetOk {
+                            id,
+                            msg,
+                            redelivered,
+                            delivery_count,
+                            remaining,
+                            ..
+                        } => {
                             let tag = c.next_tag;
                             c.next_tag += 1;
                             if !g.no_ack {
-                                c.unacked.insert(tag, Unacked { queue: h.name.clone(), id });
+                                c.unacked.insert(
+                                    tag,
+                                    Unacked {
+                                        queue: h.name.clone(),
+                                        id,
+                                    },
+                                );
                             }
                             let msg = with_delivery_count(msg, delivery_count, h.config.quorum);
-                            self.out.get_ok(ch, tag, redelivered, &msg, remaining.min(u32::MAX as u64) as u32);
+                            self.out.get_ok(
+                                ch,
+                                tag,
+                                redelivered,
+                                &msg,
+                                remaining.min(u32::MAX as u64) as u32,
+                            );
                             self.out.content(ch, &msg, self.frame_max);
                             self.node.metrics.delivered.inc();
                             answered = true;
@@ -566,32 +769,71 @@ impl Conn {
             basic::AMQPMethod::Nack(n) => {
                 let items = take_tags(c, n.delivery_tag, n.multiple)?;
                 match c.tx.as_mut() {
-                    Some(t) => t.push(TxOp::Nack { items, requeue: n.requeue }),
-                    None => self.settle(c.owner, items, if n.requeue { Settle::Return } else { Settle::Discard }).await,
+                    Some(t) => t.push(TxOp::Nack {
+                        items,
+                        requeue: n.requeue,
+                    }),
+                    None => {
+                        self.settle(
+                            c.owner,
+                            items,
+                            if n.requeue {
+                                Settle::Return
+                            } else {
+                                Settle::Discard
+                            },
+                        )
+                        .await
+                    }
                 }
             }
             basic::AMQPMethod::Reject(r) => {
                 let items = take_tags(c, r.delivery_tag, false)?;
                 match c.tx.as_mut() {
-                    Some(t) => t.push(TxOp::Nack { items, requeue: r.requeue }),
-                    None => self.settle(c.owner, items, if r.requeue { Settle::Return } else { Settle::Discard }).await,
+                    Some(t) => t.push(TxOp::Nack {
+                        items,
+                        requeue: r.requeue,
+                    }),
+                    None => {
+                        self.settle(
+                            c.owner,
+                            items,
+                            if r.requeue {
+                                Settle::Return
+                            } else {
+                                Settle::Discard
+                            },
+                        )
+                        .await
+                    }
                 }
             }
             basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
                 let is_sync = matches!(m, basic::AMQPMethod::Recover(_));
-                let items: Vec<(u64, Unacked)> = std::mem::take(&mut c.unacked).into_iter().collect();
+                let items: Vec<(u64, Unacked)> =
+                    std::mem::take(&mut c.unacked).into_iter().collect();
                 // Quorum queues always requeue on recover; so does Warren.
                 self.settle(c.owner, items, Settle::Return).await;
                 if is_sync {
                     ok!(self, ch, basic, RecoverOk, basic::RecoverOk {});
                 }
             }
-            _ => return Err(AmqpError::new(reply::COMMAND_INVALID, "server-only basic method")),
+            _ => {
+                return Err(AmqpError::new(
+                    reply::COMMAND_INVALID,
+                    "server-only basic method",
+                ));
+            }
         }
         Ok(())
     }
 
-    async fn consume(&mut self, ch: u16, c: &mut Channel, k: basic::Consume) -> Result<(), AmqpError> {
+    async fn consume(
+        &mut self,
+        ch: u16,
+        c: &mut Channel,
+        k: basic::Consume,
+    ) -> Result<(), AmqpError> {
         let tag: Arc<str> = if k.consumer_tag.as_str().is_empty() {
             Arc::from(format!("amq.ctag-{}", random_suffix()).as_str())
         } else {
@@ -612,7 +854,15 @@ impl Conn {
             }
             c.reply_consumer = Some(tag.clone());
             if !k.nowait {
-                ok!(self, ch, basic, ConsumeOk, basic::ConsumeOk { consumer_tag: ShortString::from(&*tag) });
+                ok!(
+                    self,
+                    ch,
+                    basic,
+                    ConsumeOk,
+                    basic::ConsumeOk {
+                        consumer_tag: ShortString::from(&*tag)
+                    }
+                );
             }
             return Ok(());
         }
@@ -623,28 +873,64 @@ impl Conn {
             .get("x-priority")
             .map(|v| {
                 crate::message::value_int(v).ok_or_else(|| {
-                    AmqpError::new(reply::PRECONDITION_FAILED, "invalid arg 'x-priority': expected an integer")
+                    AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "invalid arg 'x-priority': expected an integer",
+                    )
                 })
             })
             .transpose()?
             .unwrap_or(0)
             .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
-        let spec = ConsumerSpec { owner: c.owner, tag: tag.clone(), prefetch: c.prefetch as u32, priority, no_ack: k.no_ack };
+        let spec = ConsumerSpec {
+            owner: c.owner,
+            tag: tag.clone(),
+            prefetch: c.prefetch as u32,
+            priority,
+            no_ack: k.no_ack,
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if h.send(Request::Consume { spec, exclusive: k.exclusive, reply: tx }).await.is_err() {
-            return Err(AmqpError::new(reply::NOT_FOUND, format!("no queue '{}' in vhost '{}'", h.name, self.vhost)));
+        if h.send(Request::Consume {
+            spec,
+            exclusive: k.exclusive,
+            reply: tx,
+        })
+        .await
+        .is_err()
+        {
+            return Err(AmqpError::new(
+                reply::NOT_FOUND,
+                format!("no queue '{}' in vhost '{}'", h.name, self.vhost),
+            ));
         }
         match rx.await {
             Ok(Ok(())) => {}
             Ok(Err(text)) => return Err(AmqpError::new(reply::ACCESS_REFUSED, text)),
             Err(_) => {
-                return Err(AmqpError::new(reply::NOT_FOUND, format!("no queue '{}' in vhost '{}'", h.name, self.vhost)));
+                return Err(AmqpError::new(
+                    reply::NOT_FOUND,
+                    format!("no queue '{}' in vhost '{}'", h.name, self.vhost),
+                ));
             }
         }
         c.queues_used.insert(h.name.clone());
-        c.consumers.insert(tag.clone(), ConsumerInfo { queue: h.name.clone(), no_ack: k.no_ack });
+        c.consumers.insert(
+            tag.clone(),
+            ConsumerInfo {
+                queue: h.name.clone(),
+                no_ack: k.no_ack,
+            },
+        );
         if !k.nowait {
-            ok!(self, ch, basic, ConsumeOk, basic::ConsumeOk { consumer_tag: ShortString::from(&*tag) });
+            ok!(
+                self,
+                ch,
+                basic,
+                ConsumeOk,
+                basic::ConsumeOk {
+                    consumer_tag: ShortString::from(&*tag)
+                }
+            );
         }
         Ok(())
     }
@@ -656,11 +942,21 @@ impl Conn {
             by_queue.entry(u.queue).or_default().push(u.id);
         }
         for (queue, ids) in by_queue {
-            let Some(h) = self.node.queue(&self.vhost, &queue) else { continue };
+            let Some(h) = self.node.queue(&self.vhost, &queue) else {
+                continue;
+            };
             let cmd = match how {
                 Settle::Ack => Command::Settle { owner, ids },
-                Settle::Return => Command::Return { owner, ids, now_ms: now_ms() },
-                Settle::Discard => Command::Discard { owner, ids, now_ms: now_ms() },
+                Settle::Return => Command::Return {
+                    owner,
+                    ids,
+                    now_ms: now_ms(),
+                },
+                Settle::Discard => Command::Discard {
+                    owner,
+                    ids,
+                    now_ms: now_ms(),
+                },
             };
             let _ = h.send(Request::Apply(cmd, None)).await;
         }
@@ -669,8 +965,12 @@ impl Conn {
     // ----- publishing ------------------------------------------------------
 
     async fn complete_publish(&mut self, ch: u16, c: &mut Channel) -> Result<(), AmqpError> {
-        let Some(p) = c.content.take() else { return Ok(()) };
-        let Some((_, raw_properties, props)) = p.header else { return Ok(()) };
+        let Some(p) = c.content.take() else {
+            return Ok(());
+        };
+        let Some((_, raw_properties, props)) = p.header else {
+            return Ok(());
+        };
         let body = p.first_body.unwrap_or_else(|| p.body.freeze());
         let publish = p.publish;
         let err = |code, text: String| Err(AmqpError::new(code, text).on(60, 40));
@@ -678,7 +978,10 @@ impl Conn {
             if uid.as_str() != self.user {
                 return err(
                     reply::PRECONDITION_FAILED,
-                    format!("user_id property set to '{uid}' but authenticated user was '{}'", self.user),
+                    format!(
+                        "user_id property set to '{uid}' but authenticated user was '{}'",
+                        self.user
+                    ),
                 );
             }
         }
@@ -697,20 +1000,34 @@ impl Conn {
             raw_properties,
             body,
         };
-        if props.reply_to().as_ref().is_some_and(|r| r.as_str() == REPLY_TO) {
+        if props
+            .reply_to()
+            .as_ref()
+            .is_some_and(|r| r.as_str() == REPLY_TO)
+        {
             if c.reply_consumer.is_none() {
-                return err(reply::PRECONDITION_FAILED, "fast reply consumer does not exist".into());
+                return err(
+                    reply::PRECONDITION_FAILED,
+                    "fast reply consumer does not exist".into(),
+                );
             }
-            let props = props.clone().with_reply_to(ShortString::from(format!("{REPLY_TO}.{:x}", c.owner)));
+            let props = props
+                .clone()
+                .with_reply_to(ShortString::from(format!("{REPLY_TO}.{:x}", c.owner)));
             msg = msg.with_properties(&props);
         }
         self.node.metrics.published.inc();
         // Direct reply-to: straight to the requesting channel, no queue.
         if publish.exchange.as_str().is_empty() {
-            if let Some(owner) = publish.routing_key.as_str().strip_prefix(&format!("{REPLY_TO}.")) {
-                let delivered = u64::from_str_radix(owner, 16)
-                    .ok()
-                    .is_some_and(|o| self.node.send_to_owner(o, ChannelEvent::DirectReply { msg: msg.clone() }));
+            if let Some(owner) = publish
+                .routing_key
+                .as_str()
+                .strip_prefix(&format!("{REPLY_TO}."))
+            {
+                let delivered = u64::from_str_radix(owner, 16).ok().is_some_and(|o| {
+                    self.node
+                        .send_to_owner(o, ChannelEvent::DirectReply { msg: msg.clone() })
+                });
                 if !delivered && publish.mandatory {
                     self.basic_return(ch, &msg, reply::NO_ROUTE, "NO_ROUTE");
                 }
@@ -727,12 +1044,21 @@ impl Conn {
                 if ex.internal {
                     return err(
                         reply::ACCESS_REFUSED,
-                        format!("cannot publish to internal exchange '{}' in vhost '{}'", msg.exchange, self.vhost),
+                        format!(
+                            "cannot publish to internal exchange '{}' in vhost '{}'",
+                            msg.exchange, self.vhost
+                        ),
                     );
                 }
             }
-            meta.route(&self.vhost, &msg.exchange, &msg.routing_key, &msg.raw_properties, &mut queues)
-                .map_err(|e| AmqpError::from(e).on(60, 40))?;
+            meta.route(
+                &self.vhost,
+                &msg.exchange,
+                &msg.routing_key,
+                &msg.raw_properties,
+                &mut queues,
+            )
+            .map_err(|e| AmqpError::from(e).on(60, 40))?;
         }
         if queues.is_empty() {
             if publish.mandatory {
@@ -746,22 +1072,35 @@ impl Conn {
             t.push(TxOp::Publish { msg, queues });
             return Ok(());
         }
-        let confirm = c
-            .confirms
-            .as_mut()
-            .map(|cf| ConfirmRef { owner: c.owner, seq: cf.publish(queues.len() as u32) });
+        let confirm = c.confirms.as_mut().map(|cf| ConfirmRef {
+            owner: c.owner,
+            seq: cf.publish(queues.len() as u32),
+        });
         self.enqueue(c, msg, &queues, confirm).await;
         Ok(())
     }
 
-    async fn enqueue(&mut self, c: &mut Channel, msg: Message, queues: &[Arc<str>], confirm: Option<ConfirmRef>) {
+    async fn enqueue(
+        &mut self,
+        c: &mut Channel,
+        msg: Message,
+        queues: &[Arc<str>],
+        confirm: Option<ConfirmRef>,
+    ) {
         let now = now_ms();
         for name in queues {
             let sent = match self.node.queue(&self.vhost, name) {
                 // Waiting here for room in the queue's inbox is the
                 // backpressure that keeps a fast publisher in check.
                 Some(h) => h
-                    .send(Request::Apply(Command::Enqueue { msg: msg.clone(), confirm, now_ms: now }, None))
+                    .send(Request::Apply(
+                        Command::Enqueue {
+                            msg: msg.clone(),
+                            confirm,
+                            now_ms: now,
+                        },
+                        None,
+                    ))
                     .await
                     .is_ok(),
                 None => false,
@@ -777,36 +1116,62 @@ impl Conn {
     }
 
     fn basic_return(&mut self, ch: u16, msg: &Message, code: u16, text: &str) {
-        ok!(self, ch, basic, Return, basic::Return {
-            reply_code: code,
-            reply_text: ShortString::from(text),
-            exchange: ShortString::from(&*msg.exchange),
-            routing_key: ShortString::from(&*msg.routing_key),
-        });
+        ok!(
+            self,
+            ch,
+            basic,
+            Return,
+            basic::Return {
+                reply_code: code,
+                reply_text: ShortString::from(text),
+                exchange: ShortString::from(&*msg.exchange),
+                routing_key: ShortString::from(&*msg.routing_key),
+            }
+        );
         self.out.content(ch, msg, self.frame_max);
     }
 
     // ----- transactions ----------------------------------------------------
 
-    async fn tx_method(&mut self, ch: u16, c: &mut Channel, m: tx::AMQPMethod) -> Result<(), AmqpError> {
+    async fn tx_method(
+        &mut self,
+        ch: u16,
+        c: &mut Channel,
+        m: tx::AMQPMethod,
+    ) -> Result<(), AmqpError> {
         match m {
             tx::AMQPMethod::Select(_) => {
                 if c.confirms.is_some() {
-                    return Err(AmqpError::new(reply::PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "cannot switch from confirm to tx mode",
+                    ));
                 }
                 c.tx.get_or_insert_with(Vec::new);
                 ok!(self, ch, tx, SelectOk, tx::SelectOk {});
             }
             tx::AMQPMethod::Commit(_) => {
                 let Some(ops) = c.tx.replace(Vec::new()) else {
-                    return Err(AmqpError::new(reply::PRECONDITION_FAILED, "channel is not transactional"));
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
                 };
                 for op in ops {
                     match op {
                         TxOp::Publish { msg, queues } => self.enqueue(c, msg, &queues, None).await,
                         TxOp::Ack(items) => self.settle(c.owner, items, Settle::Ack).await,
                         TxOp::Nack { items, requeue } => {
-                            self.settle(c.owner, items, if requeue { Settle::Return } else { Settle::Discard }).await
+                            self.settle(
+                                c.owner,
+                                items,
+                                if requeue {
+                                    Settle::Return
+                                } else {
+                                    Settle::Discard
+                                },
+                            )
+                            .await
                         }
                     }
                 }
@@ -814,7 +1179,10 @@ impl Conn {
             }
             tx::AMQPMethod::Rollback(_) => {
                 let Some(ops) = c.tx.replace(Vec::new()) else {
-                    return Err(AmqpError::new(reply::PRECONDITION_FAILED, "channel is not transactional"));
+                    return Err(AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        "channel is not transactional",
+                    ));
                 };
                 // Acks rolled back make their deliveries unacknowledged
                 // again, under their original tags.
@@ -825,7 +1193,12 @@ impl Conn {
                 }
                 ok!(self, ch, tx, RollbackOk, tx::RollbackOk {});
             }
-            _ => return Err(AmqpError::new(reply::COMMAND_INVALID, "server-only tx method")),
+            _ => {
+                return Err(AmqpError::new(
+                    reply::COMMAND_INVALID,
+                    "server-only tx method",
+                ));
+            }
         }
         Ok(())
     }
@@ -839,21 +1212,44 @@ impl Conn {
             return;
         };
         match ev {
-            ChannelEvent::Deliver { queue, tag, id, msg, redelivered, delivery_count } => {
+            ChannelEvent::Deliver {
+                queue,
+                tag,
+                id,
+                msg,
+                redelivered,
+                delivery_count,
+            } => {
                 let Some(info) = c.consumers.get(&tag).filter(|_| !c.closing) else {
                     // Cancelled meanwhile: the message goes back.
                     if let Some(h) = self.node.queue(&self.vhost, &queue) {
                         let owner = c.owner;
-                        let _ = h.try_send(Request::Apply(Command::Return { owner, ids: vec![id], now_ms: now_ms() }, None));
+                        let _ = h.try_send(Request::Apply(
+                            Command::Return {
+                                owner,
+                                ids: vec![id],
+                                now_ms: now_ms(),
+                            },
+                            None,
+                        ));
                     }
                     return;
                 };
                 let dtag = c.next_tag;
                 c.next_tag += 1;
                 if !info.no_ack {
-                    c.unacked.insert(dtag, Unacked { queue: queue.clone(), id });
+                    c.unacked.insert(
+                        dtag,
+                        Unacked {
+                            queue: queue.clone(),
+                            id,
+                        },
+                    );
                 }
-                let quorum = self.node.queue(&self.vhost, &queue).is_some_and(|h| h.config.quorum);
+                let quorum = self
+                    .node
+                    .queue(&self.vhost, &queue)
+                    .is_some_and(|h| h.config.quorum);
                 let msg = with_delivery_count(msg, delivery_count, quorum);
                 self.out.deliver(ch, &tag, dtag, redelivered, &msg);
                 self.out.content(ch, &msg, self.frame_max);
@@ -865,8 +1261,20 @@ impl Conn {
                 }
             }
             ChannelEvent::ConsumerCancelled { tag } => {
-                if c.consumers.remove(&tag).is_some() && self.caps.consumer_cancel_notify && !c.closing {
-                    ok!(self, ch, basic, Cancel, basic::Cancel { consumer_tag: ShortString::from(&*tag), nowait: true });
+                if c.consumers.remove(&tag).is_some()
+                    && self.caps.consumer_cancel_notify
+                    && !c.closing
+                {
+                    ok!(
+                        self,
+                        ch,
+                        basic,
+                        Cancel,
+                        basic::Cancel {
+                            consumer_tag: ShortString::from(&*tag),
+                            nowait: true
+                        }
+                    );
                 }
             }
             ChannelEvent::DirectReply { msg } => {
@@ -904,7 +1312,15 @@ impl Conn {
         let owner = c.owner;
         for q in std::mem::take(&mut c.queues_used) {
             if let Some(h) = self.node.queue(&self.vhost, &q) {
-                let _ = h.send(Request::Apply(Command::OwnerDown { owner, now_ms: now_ms() }, None)).await;
+                let _ = h
+                    .send(Request::Apply(
+                        Command::OwnerDown {
+                            owner,
+                            now_ms: now_ms(),
+                        },
+                        None,
+                    ))
+                    .await;
             }
         }
     }
@@ -939,17 +1355,27 @@ fn take_tags(c: &mut Channel, tag: u64, multiple: bool) -> Result<Vec<(u64, Unac
             std::mem::take(&mut c.unacked).into_iter().collect()
         } else {
             let rest = c.unacked.split_off(&(tag + 1));
-            std::mem::replace(&mut c.unacked, rest).into_iter().collect()
+            std::mem::replace(&mut c.unacked, rest)
+                .into_iter()
+                .collect()
         };
         if items.is_empty() && tag != 0 {
-            return Err(AmqpError::new(reply::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")));
+            return Err(AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!("unknown delivery tag {tag}"),
+            ));
         }
         return Ok(items);
     }
     c.unacked
         .remove(&tag)
         .map(|u| vec![(tag, u)])
-        .ok_or_else(|| AmqpError::new(reply::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")))
+        .ok_or_else(|| {
+            AmqpError::new(
+                reply::PRECONDITION_FAILED,
+                format!("unknown delivery tag {tag}"),
+            )
+        })
 }
 
 /// Quorum queues tell a consumer how often a message was returned before, in
@@ -961,6 +1387,9 @@ fn with_delivery_count(msg: Message, count: u32, quorum: bool) -> Message {
     }
     let props = msg.properties();
     let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(ShortString::from("x-delivery-count"), AMQPValue::LongLongInt(count as i64));
+    headers.insert(
+        ShortString::from("x-delivery-count"),
+        AMQPValue::LongLongInt(count as i64),
+    );
     msg.with_properties(&props.with_headers(headers))
 }

@@ -63,7 +63,8 @@ pub async fn serve(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let timeout = Duration::from_millis(node.config.handshake_timeout_ms);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let handshake = tokio::time::timeout(timeout, handshake(&node, &mut stream, &mut buf, peer)).await;
+    let handshake =
+        tokio::time::timeout(timeout, handshake(&node, &mut stream, &mut buf, peer)).await;
     let hs = match handshake {
         Err(_) => {
             tracing::warn!(%peer, "closing connection: handshake timeout ({} ms)", timeout.as_millis());
@@ -114,6 +115,9 @@ pub async fn serve(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
                 method_id: e.method_id,
             })),
         );
+    }
+    // Whatever the last frames produced (close-ok, or the close above).
+    if !c.out.is_empty() {
         let _ = out_tx.send(std::mem::take(&mut c.out));
     }
     c.teardown().await;
@@ -123,7 +127,10 @@ pub async fn serve(node: Arc<Node>, mut stream: TcpStream, peer: SocketAddr) {
     node.metrics.connections.dec();
 }
 
-async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<OutBuf>) {
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<OutBuf>,
+) {
     while let Some(mut out) = rx.recv().await {
         if out.flush(&mut wr).await.is_err() {
             break;
@@ -185,7 +192,10 @@ fn server_properties() -> FieldTable {
     }
     let ls = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
     let mut p = FieldTable::default();
-    p.insert(ShortString::from("capabilities"), AMQPValue::FieldTable(caps));
+    p.insert(
+        ShortString::from("capabilities"),
+        AMQPValue::FieldTable(caps),
+    );
     p.insert(ShortString::from("product"), ls("Warren"));
     p.insert(ShortString::from("version"), ls(env!("CARGO_PKG_VERSION")));
     p.insert(ShortString::from("platform"), ls("Rust"));
@@ -216,10 +226,15 @@ async fn send_method(stream: &mut TcpStream, method: AMQPClass) -> std::io::Resu
 }
 
 /// Reads the next method on channel 0 during the handshake.
-async fn next_method(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<AMQPClass, HandshakeEnd> {
+async fn next_method(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<AMQPClass, HandshakeEnd> {
     loop {
         match frame::decode(buf, FRAME_MIN_SIZE * 32) {
-            Ok(Some(Frame::Method { method, channel: 0, .. })) => return Ok(*method),
+            Ok(Some(Frame::Method {
+                method, channel: 0, ..
+            })) => return Ok(*method),
             Ok(Some(Frame::Heartbeat)) => continue,
             Ok(Some(_)) => {
                 let e = AmqpError::new(reply::COMMAND_INVALID, "unexpected frame during handshake");
@@ -296,7 +311,8 @@ async fn handshake(
         }
     };
     let caps = client_caps(&start_ok.client_properties);
-    let creds = super::auth::decode_response(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
+    let creds =
+        super::auth::decode_response(start_ok.mechanism.as_str(), start_ok.response.as_bytes());
     let refused = |why: String| AmqpError::new(reply::ACCESS_REFUSED, why);
     let user = match creds {
         None => {
@@ -345,11 +361,18 @@ async fn handshake(
             return Err(HandshakeEnd::Closed(e.text));
         }
     };
-    let frame_max = if tune_ok.frame_max == 0 { cfg.frame_max } else { tune_ok.frame_max };
+    let frame_max = if tune_ok.frame_max == 0 {
+        cfg.frame_max
+    } else {
+        tune_ok.frame_max
+    };
     if frame_max < FRAME_MIN_SIZE || frame_max > cfg.frame_max {
         let e = AmqpError::new(
             reply::NOT_ALLOWED,
-            format!("negotiated frame_max = {frame_max} is outside {FRAME_MIN_SIZE}..={}", cfg.frame_max),
+            format!(
+                "negotiated frame_max = {frame_max} is outside {FRAME_MIN_SIZE}..={}",
+                cfg.frame_max
+            ),
         );
         close_handshake(stream, &e).await;
         return Err(HandshakeEnd::Closed(e.text));
@@ -367,7 +390,7 @@ async fn handshake(
         }
     };
     let vhost = open.virtual_host.as_str().to_owned();
-    if !node.meta().vhost_exists(&vhost) {
+    if !node.meta().has_vhost(&vhost) {
         let e = AmqpError::new(reply::NOT_ALLOWED, format!("vhost {vhost} not found"));
         close_handshake(stream, &e).await;
         return Err(HandshakeEnd::Closed(e.text));
@@ -401,7 +424,8 @@ impl Conn {
         let hb = (heartbeat > 0).then(|| Duration::from_secs(heartbeat as u64));
         // Heartbeats go out at half the interval; silence for two intervals
         // closes the connection (spec 4.2.7, RabbitMQ's rule).
-        let mut ticker = tokio::time::interval(hb.map(|d| d / 2).unwrap_or(Duration::from_secs(3600)));
+        let mut ticker =
+            tokio::time::interval(hb.map(|d| d / 2).unwrap_or(Duration::from_secs(3600)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut last_write = Instant::now();
@@ -418,8 +442,10 @@ impl Conn {
                 );
                 blocked_sent = true;
             } else if !alarm_on && blocked_sent {
-                self.out
-                    .method(0, &AMQPClass::Connection(conn::AMQPMethod::Unblocked(conn::Unblocked {})));
+                self.out.method(
+                    0,
+                    &AMQPClass::Connection(conn::AMQPMethod::Unblocked(conn::Unblocked {})),
+                );
                 blocked_sent = false;
             }
             if !self.out.is_empty() {
@@ -492,33 +518,56 @@ impl Conn {
         if channel == 0 {
             return match f {
                 Frame::Heartbeat => Ok(false),
-                Frame::Method { method, class_id, method_id, .. } => self.on_connection_method(*method, class_id, method_id),
-                _ => Err(AmqpError::new(reply::COMMAND_INVALID, "content frame on channel 0")),
+                Frame::Method {
+                    method,
+                    class_id,
+                    method_id,
+                    ..
+                } => self.on_connection_method(*method, class_id, method_id),
+                _ => Err(AmqpError::new(
+                    reply::COMMAND_INVALID,
+                    "content frame on channel 0",
+                )),
             };
         }
         if channel > self.channel_max {
             return Err(AmqpError::new(
                 reply::CHANNEL_ERROR,
-                format!("channel number {channel} exceeds channel_max {}", self.channel_max),
+                format!(
+                    "channel number {channel} exceeds channel_max {}",
+                    self.channel_max
+                ),
             ));
         }
         self.on_channel_frame(channel, f).await?;
         Ok(false)
     }
 
-    fn on_connection_method(&mut self, m: AMQPClass, class_id: u16, method_id: u16) -> Result<bool, AmqpError> {
+    fn on_connection_method(
+        &mut self,
+        m: AMQPClass,
+        class_id: u16,
+        method_id: u16,
+    ) -> Result<bool, AmqpError> {
         match m {
             AMQPClass::Connection(conn::AMQPMethod::Close(c)) => {
                 tracing::debug!(peer = %self.peer, code = c.reply_code, "client closed the connection: {}", c.reply_text);
-                self.out.method(0, &AMQPClass::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})));
+                self.out.method(
+                    0,
+                    &AMQPClass::Connection(conn::AMQPMethod::CloseOk(conn::CloseOk {})),
+                );
                 Ok(true)
             }
             AMQPClass::Connection(conn::AMQPMethod::CloseOk(_)) => Ok(true),
-            AMQPClass::Connection(conn::AMQPMethod::Blocked(_) | conn::AMQPMethod::Unblocked(_)) => Ok(false),
+            AMQPClass::Connection(
+                conn::AMQPMethod::Blocked(_) | conn::AMQPMethod::Unblocked(_),
+            ) => Ok(false),
             AMQPClass::Connection(conn::AMQPMethod::UpdateSecret(_)) => {
                 self.out.method(
                     0,
-                    &AMQPClass::Connection(conn::AMQPMethod::UpdateSecretOk(conn::UpdateSecretOk {})),
+                    &AMQPClass::Connection(conn::AMQPMethod::UpdateSecretOk(
+                        conn::UpdateSecretOk {},
+                    )),
                 );
                 Ok(false)
             }

@@ -257,13 +257,19 @@ mod tests {
         let mut buf = frame_bytes(FRAME_BODY, 1, b"x");
         let n = buf.len();
         buf[n - 1] = 0;
-        assert_eq!(decode(&mut buf, 131072).unwrap_err().code, reply::FRAME_ERROR);
+        assert_eq!(
+            decode(&mut buf, 131072).unwrap_err().code,
+            reply::FRAME_ERROR
+        );
     }
 
     #[test]
     fn an_unknown_frame_type_is_a_frame_error() {
         let mut buf = frame_bytes(9, 0, b"");
-        assert_eq!(decode(&mut buf, 131072).unwrap_err().code, reply::FRAME_ERROR);
+        assert_eq!(
+            decode(&mut buf, 131072).unwrap_err().code,
+            reply::FRAME_ERROR
+        );
     }
 
     #[test]
@@ -299,7 +305,10 @@ mod tests {
     #[test]
     fn a_heartbeat_on_a_channel_is_a_frame_error() {
         let mut buf = frame_bytes(FRAME_HEARTBEAT, 2, b"");
-        assert_eq!(decode(&mut buf, 131072).unwrap_err().code, reply::FRAME_ERROR);
+        assert_eq!(
+            decode(&mut buf, 131072).unwrap_err().code,
+            reply::FRAME_ERROR
+        );
     }
 
     #[test]

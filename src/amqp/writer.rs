@@ -26,7 +26,11 @@ pub fn encode_method(channel: u16, method: &AMQPClass) -> Vec<u8> {
     let mut out = OutBuf::default();
     out.method(channel, method);
     let mut v = Vec::new();
-    for s in out.segments.iter().chain(std::iter::once(&out.scratch.clone().freeze())) {
+    for s in out
+        .segments
+        .iter()
+        .chain(std::iter::once(&out.scratch.clone().freeze()))
+    {
         v.extend_from_slice(s);
     }
     v
@@ -65,10 +69,14 @@ impl OutBuf {
 
     pub fn method(&mut self, channel: u16, method: &AMQPClass) {
         let at = self.frame_start(FRAME_METHOD, channel);
-        let mut w = (&mut self.scratch).writer();
-        // The encoder only fails when its writer refuses bytes, and a
-        // BytesMut writer never does.
-        let _ = cookie_factory::r#gen(amq_protocol::protocol::gen_class(method), &mut w);
+        // The generic encoder needs a seekable writer; methods off the hot
+        // path can afford the small Vec. Encoding into a Vec cannot fail.
+        if let Ok((v, _)) = cookie_factory::r#gen(
+            amq_protocol::protocol::gen_class(method),
+            Vec::with_capacity(64),
+        ) {
+            self.scratch.put_slice(&v);
+        }
         self.frame_end(at);
     }
 
@@ -144,7 +152,9 @@ impl OutBuf {
         self.scratch.put_u64(msg.body.len() as u64);
         self.scratch.put_slice(&msg.raw_properties);
         self.frame_end(at);
-        let chunk = (frame_max as usize).saturating_sub(super::frame::FRAME_OVERHEAD).max(1);
+        let chunk = (frame_max as usize)
+            .saturating_sub(super::frame::FRAME_OVERHEAD)
+            .max(1);
         let mut offset = 0;
         while offset < msg.body.len() {
             let end = (offset + chunk).min(msg.body.len());
@@ -242,7 +252,12 @@ mod tests {
         let mut out = OutBuf::default();
         out.content(1, &msg, 4096);
         let mut buf = written(&mut out).await;
-        let Frame::Header { body_size, raw_properties, .. } = decode(&mut buf, 4096).unwrap().unwrap() else {
+        let Frame::Header {
+            body_size,
+            raw_properties,
+            ..
+        } = decode(&mut buf, 4096).unwrap().unwrap()
+        else {
             panic!()
         };
         assert_eq!(body_size, body.len() as u64);

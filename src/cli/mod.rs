@@ -11,7 +11,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "warren", version, about = "An AMQP 0-9-1 message broker whose durable queues are Raft groups")]
+#[command(
+    name = "warren",
+    version,
+    about = "An AMQP 0-9-1 message broker whose durable queues are Raft groups"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -82,13 +86,26 @@ impl ServerArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
         }
-        set!(data_dir, amqp_listen, admin_listen, node_id, heartbeat, frame_max, channel_max,
-             handshake_timeout_ms, max_message_size, memory_high_watermark);
+        set!(
+            data_dir,
+            amqp_listen,
+            admin_listen,
+            node_id,
+            heartbeat,
+            frame_max,
+            channel_max,
+            handshake_timeout_ms,
+            max_message_size,
+            memory_high_watermark
+        );
         if self.memory_high_watermark_bytes.is_some() {
             c.memory_high_watermark_bytes = self.memory_high_watermark_bytes;
         }
         if c.frame_max < crate::amqp::frame::FRAME_MIN_SIZE {
-            anyhow::bail!("frame_max must be at least {}", crate::amqp::frame::FRAME_MIN_SIZE);
+            anyhow::bail!(
+                "frame_max must be at least {}",
+                crate::amqp::frame::FRAME_MIN_SIZE
+            );
         }
         if c.node_id == 0 {
             anyhow::bail!("node_id must be at least 1");
@@ -104,7 +121,11 @@ pub fn init_logging(level: Option<&str>, json: bool) {
         .ok()
         .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

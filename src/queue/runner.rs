@@ -169,7 +169,8 @@ impl Runner {
                 break;
             }
             if self.auto_delete && self.had_consumer && self.state.counts().consumers == 0 {
-                self.node.delete_queue_later(&self.handle.vhost, &self.handle.name);
+                self.node
+                    .delete_queue_later(&self.handle.vhost, &self.handle.name);
                 self.auto_delete = false;
             }
         }
@@ -190,7 +191,11 @@ impl Runner {
                     }
                 }
                 if let Command::OwnerDown { owner, .. } = &cmd {
-                    if self.exclusive_consumer.as_ref().is_some_and(|(o, _)| o == owner) {
+                    if self
+                        .exclusive_consumer
+                        .as_ref()
+                        .is_some_and(|(o, _)| o == owner)
+                    {
                         self.exclusive_consumer = None;
                     }
                 }
@@ -234,7 +239,11 @@ impl Runner {
     }
 
     /// Carries out effects; returns true when the queue must stop.
-    fn carry_out(&mut self, effects: Vec<Effect>, reply: Option<oneshot::Sender<Vec<Effect>>>) -> bool {
+    fn carry_out(
+        &mut self,
+        effects: Vec<Effect>,
+        reply: Option<oneshot::Sender<Vec<Effect>>>,
+    ) -> bool {
         let mut replies = Vec::new();
         let mut gone_owners = Vec::new();
         for e in effects {
@@ -270,11 +279,17 @@ impl Runner {
                     );
                 }
                 Effect::DeadLetter { msg, reason } => {
-                    self.node
-                        .dead_letter(&self.handle.vhost, &self.handle.name, &self.handle.config, msg, reason);
+                    self.node.dead_letter(
+                        &self.handle.vhost,
+                        &self.handle.name,
+                        &self.handle.config,
+                        msg,
+                        reason,
+                    );
                 }
                 Effect::Expired => {
-                    self.node.delete_queue_later(&self.handle.vhost, &self.handle.name);
+                    self.node
+                        .delete_queue_later(&self.handle.vhost, &self.handle.name);
                 }
                 e @ (Effect::GetOk { .. } | Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
                     replies.push(e);

@@ -66,10 +66,19 @@ impl Server {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("warren exited early ({status}): {:?}", log.lock().unwrap());
             }
-            assert!(Instant::now() < deadline, "warren did not start listening in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "warren did not start listening in 30 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Server { amqp, admin, child, _dir: dir, log }
+        Server {
+            amqp,
+            admin,
+            child,
+            _dir: dir,
+            log,
+        }
     }
 
     pub fn uri(&self) -> String {
@@ -115,7 +124,10 @@ impl Server {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     }
 }
@@ -165,7 +177,10 @@ impl Raw {
     pub fn connect(server: &Server) -> Raw {
         let s = TcpStream::connect(server.amqp).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw { s, buf: BytesMut::new() }
+        Raw {
+            s,
+            buf: BytesMut::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
@@ -224,7 +239,10 @@ impl Raw {
             capt.insert(ShortString::from(*cap), AMQPValue::Boolean(true));
         }
         let mut props = FieldTable::default();
-        props.insert(ShortString::from("capabilities"), AMQPValue::FieldTable(capt));
+        props.insert(
+            ShortString::from("capabilities"),
+            AMQPValue::FieldTable(capt),
+        );
         r.send_method(
             0,
             &AMQPClass::Connection(c::AMQPMethod::StartOk(c::StartOk {
@@ -272,7 +290,10 @@ impl Raw {
         loop {
             match self.recv_method() {
                 Some(AMQPClass::Connection(c::AMQPMethod::Close(cl))) => {
-                    self.send_method(0, &AMQPClass::Connection(c::AMQPMethod::CloseOk(c::CloseOk {})));
+                    self.send_method(
+                        0,
+                        &AMQPClass::Connection(c::AMQPMethod::CloseOk(c::CloseOk {})),
+                    );
                     return cl.reply_code;
                 }
                 Some(_) => continue,
