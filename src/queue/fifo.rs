@@ -4,7 +4,8 @@
 //! causes, touching no socket, disk or clock: time arrives inside commands.
 //! Every map here is ordered (`BTreeMap`), so two replicas that apply the same
 //! commands hold the same state and emit the same effects in the same order,
-//! which is what lets a Raft log drive one copy per node.
+//! which is what lets a Raft log drive one copy per node. Node-local
+//! (classic) queues run the same machine without the log.
 //!
 //! The model follows RabbitMQ's `rabbit_fifo`:
 //! - ready messages are ordered by priority (highest first), then by id, and
@@ -146,6 +147,8 @@ impl QueueState {
         }
     }
 
+    /// The settings the queue was declared with (the shell needs the
+    /// dead-letter exchange and routing key to carry out `DeadLetter`).
     pub fn config(&self) -> &QueueConfig {
         &self.config
     }
