@@ -751,6 +751,53 @@ impl Vhost {
     }
 }
 
+#[cfg(test)]
+impl Vhost {
+    /// Panics if the secondary indexes disagree with the bindings and queues.
+    fn check_invariants(&self) {
+        let mut expected_inbound: BTreeMap<Destination, BTreeSet<(String, String)>> =
+            BTreeMap::new();
+        for (source, x) in &self.exchanges {
+            for ((dest, rk), args) in &x.bindings {
+                assert!(
+                    !args.is_empty(),
+                    "empty argument list kept for {source} -> {dest:?}"
+                );
+                let exists = match dest {
+                    Destination::Queue(q) => self.queues.contains_key(q),
+                    Destination::Exchange(e) => self.exchanges.contains_key(e),
+                };
+                assert!(
+                    exists,
+                    "binding {source} -> {dest:?} outlived its destination"
+                );
+                expected_inbound
+                    .entry(dest.clone())
+                    .or_default()
+                    .insert((source.clone(), rk.clone()));
+            }
+        }
+        assert_eq!(self.inbound, expected_inbound);
+        let mut expected_exclusive: BTreeMap<ConnId, BTreeSet<String>> = BTreeMap::new();
+        for (name, q) in &self.queues {
+            assert_eq!(&*q.name, name.as_str());
+            if let Some(owner) = q.def.exclusive_owner {
+                expected_exclusive
+                    .entry(owner)
+                    .or_default()
+                    .insert(name.clone());
+            }
+        }
+        assert_eq!(self.exclusive, expected_exclusive);
+        for (name, _, _) in PREDECLARED {
+            assert!(
+                self.exchanges.contains_key(name),
+                "predeclared {name} removed"
+            );
+        }
+    }
+}
+
 impl Topology for Vhost {
     fn exchange(&self, name: &str) -> Option<(&ExchangeDef, &BindingIndex)> {
         self.exchanges.get(name).map(|x| (&x.def, &x.index))
@@ -1654,5 +1701,264 @@ mod tests {
         };
         let json = serde_json::to_string(&cmd).unwrap();
         assert_eq!(serde_json::from_str::<MetaCommand>(&json).unwrap(), cmd);
+    }
+
+    mod model {
+        //! Random command histories: the indexes stay consistent with the
+        //! definitions, and routing agrees with a naive router that reads
+        //! only the `bindings()` listing.
+        use super::*;
+        use crate::message::table_str;
+        use proptest::prelude::*;
+
+        const EXCHANGES: [&str; 4] = ["e0", "e1", "e2", "amq.topic"];
+        const QUEUES: [&str; 3] = ["q0", "q1", "q2"];
+        const BINDING_KEYS: [&str; 7] = ["a", "a.b", "b", "#", "a.*", "", "*.b"];
+        const ROUTING_KEYS: [&str; 6] = ["a", "a.b", "b", "", "a.b.c", "q1"];
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            DeclareExchange {
+                e: usize,
+                kind: usize,
+                auto_delete: bool,
+                alternate: Option<usize>,
+            },
+            DeclareQueue {
+                q: usize,
+                owner: Option<u64>,
+            },
+            DeleteExchange {
+                e: usize,
+                if_unused: bool,
+            },
+            DeleteQueue {
+                q: usize,
+            },
+            Bind {
+                source: usize,
+                to_queue: bool,
+                dest: usize,
+                key: usize,
+            },
+            Unbind {
+                source: usize,
+                to_queue: bool,
+                dest: usize,
+                key: usize,
+            },
+            Close {
+                conn: u64,
+            },
+            /// Unbinds the n-th declared binding (modulo their number), so
+            /// that unbinds hit existing bindings often.
+            UnbindExisting {
+                n: usize,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (
+                    0..3usize,
+                    0..3usize,
+                    any::<bool>(),
+                    prop::option::of(0..4usize)
+                )
+                    .prop_map(|(e, kind, auto_delete, alternate)| {
+                        Op::DeclareExchange {
+                            e,
+                            kind,
+                            auto_delete,
+                            alternate,
+                        }
+                    }),
+                (0..3usize, prop::option::of(0..2u64))
+                    .prop_map(|(q, owner)| Op::DeclareQueue { q, owner }),
+                (0..4usize, any::<bool>())
+                    .prop_map(|(e, if_unused)| Op::DeleteExchange { e, if_unused }),
+                (0..3usize).prop_map(|q| Op::DeleteQueue { q }),
+                (0..4usize, any::<bool>(), 0..4usize, 0..7usize).prop_map(
+                    |(source, to_queue, dest, key)| Op::Bind {
+                        source,
+                        to_queue,
+                        dest,
+                        key
+                    }
+                ),
+                (0..4usize, any::<bool>(), 0..4usize, 0..7usize).prop_map(
+                    |(source, to_queue, dest, key)| Op::Unbind {
+                        source,
+                        to_queue,
+                        dest,
+                        key
+                    }
+                ),
+                (0..2u64).prop_map(|conn| Op::Close { conn }),
+                any::<usize>().prop_map(|n| Op::UnbindExisting { n }),
+            ]
+        }
+
+        fn binding(source: usize, to_queue: bool, dest: usize, key: usize) -> BindingDef {
+            let destination = if to_queue {
+                q(QUEUES[dest % QUEUES.len()])
+            } else {
+                x(EXCHANGES[dest])
+            };
+            BindingDef::new(EXCHANGES[source], destination, BINDING_KEYS[key])
+        }
+
+        fn command(m: &Metadata, op: &Op) -> MetaCommand {
+            let vhost = V.to_owned();
+            match *op {
+                Op::DeclareExchange {
+                    e,
+                    kind,
+                    auto_delete,
+                    alternate,
+                } => {
+                    let kinds = [
+                        ExchangeKind::Direct,
+                        ExchangeKind::Fanout,
+                        ExchangeKind::Topic,
+                    ];
+                    let mut def = ExchangeDef {
+                        auto_delete,
+                        ..ExchangeDef::new(EXCHANGES[e], kinds[kind])
+                    };
+                    if let Some(a) = alternate {
+                        def.arguments = args(&[("alternate-exchange", text(EXCHANGES[a]))]);
+                    }
+                    MetaCommand::DeclareExchange { vhost, def }
+                }
+                Op::DeclareQueue { q, owner } => MetaCommand::DeclareQueue {
+                    vhost,
+                    def: QueueDef {
+                        exclusive_owner: owner,
+                        ..QueueDef::new(QUEUES[q])
+                    },
+                },
+                Op::DeleteExchange { e, if_unused } => MetaCommand::DeleteExchange {
+                    vhost,
+                    name: EXCHANGES[e].into(),
+                    if_unused,
+                },
+                Op::DeleteQueue { q } => MetaCommand::DeleteQueue {
+                    vhost,
+                    name: QUEUES[q].into(),
+                },
+                Op::Bind {
+                    source,
+                    to_queue,
+                    dest,
+                    key,
+                } => MetaCommand::Bind {
+                    vhost,
+                    binding: binding(source, to_queue, dest, key),
+                },
+                Op::Unbind {
+                    source,
+                    to_queue,
+                    dest,
+                    key,
+                } => MetaCommand::Unbind {
+                    vhost,
+                    binding: binding(source, to_queue, dest, key),
+                },
+                Op::Close { conn } => MetaCommand::ConnectionClosed { conn },
+                Op::UnbindExisting { n } => {
+                    let declared = declared_bindings(m);
+                    match declared.get(n % declared.len().max(1)) {
+                        Some(b) => MetaCommand::Unbind {
+                            vhost,
+                            binding: b.clone(),
+                        },
+                        None => MetaCommand::ConnectionClosed { conn: 99 },
+                    }
+                }
+            }
+        }
+
+        fn topic_matches(pattern: &[&str], key: &[&str]) -> bool {
+            match pattern.split_first() {
+                None => key.is_empty(),
+                Some((&"#", rest)) => (0..=key.len()).any(|k| topic_matches(rest, &key[k..])),
+                Some((&"*", rest)) => !key.is_empty() && topic_matches(rest, &key[1..]),
+                Some((w, rest)) => key.first() == Some(w) && topic_matches(rest, &key[1..]),
+            }
+        }
+
+        fn naive_route(m: &Metadata, exchange: &str, key: &str) -> Vec<String> {
+            let words = |s: &str| {
+                crate::broker::topic::split_words(s)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            };
+            let listing = m.bindings(V);
+            let mut visited = BTreeSet::new();
+            let mut pending = vec![exchange.to_owned()];
+            let mut reached = BTreeSet::new();
+            while let Some(e) = pending.pop() {
+                if !visited.insert(e.clone()) {
+                    continue;
+                }
+                let Some(def) = m.exchange(V, &e) else {
+                    continue;
+                };
+                let mut matched = false;
+                for b in listing.iter().filter(|b| b.source == e) {
+                    let hit = match def.kind {
+                        _ if e.is_empty() => b.routing_key == key,
+                        ExchangeKind::Direct => b.routing_key == key,
+                        ExchangeKind::Fanout => true,
+                        ExchangeKind::Topic => {
+                            let (p, k) = (words(&b.routing_key), words(key));
+                            let p: Vec<&str> = p.iter().map(String::as_str).collect();
+                            let k: Vec<&str> = k.iter().map(String::as_str).collect();
+                            topic_matches(&p, &k)
+                        }
+                        ExchangeKind::Headers => false,
+                    };
+                    if hit {
+                        matched = true;
+                        match &b.destination {
+                            Destination::Queue(name) => {
+                                reached.insert(name.clone());
+                            }
+                            Destination::Exchange(name) => pending.push(name.clone()),
+                        }
+                    }
+                }
+                if !matched && !e.is_empty() {
+                    if let Some(alternate) = table_str(&def.arguments, "alternate-exchange") {
+                        pending.push(alternate);
+                    }
+                }
+            }
+            reached.into_iter().collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+            #[test]
+            fn indexes_stay_consistent_and_routing_matches_the_listing(
+                ops in prop::collection::vec(op(), 1..40)
+            ) {
+                let mut m = Metadata::new();
+                for op in &ops {
+                    let cmd = command(&m, op);
+                    let _ = m.apply(cmd);
+                    m.vhosts.values().for_each(Vhost::check_invariants);
+                }
+                for e in m.exchanges(V).map(|x| x.name.clone()).collect::<Vec<_>>() {
+                    for key in ROUTING_KEYS {
+                        let mut out = Vec::new();
+                        m.route(V, &e, key, &[], &mut out).unwrap();
+                        let got: Vec<String> = out.iter().map(|q| q.to_string()).collect();
+                        prop_assert_eq!(got, naive_route(&m, &e, key), "exchange {:?} key {:?}", e, key);
+                    }
+                }
+            }
+        }
     }
 }

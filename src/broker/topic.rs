@@ -57,6 +57,9 @@ pub struct TopicTrie<D> {
     free: Vec<usize>,
     /// Number of (key, destination) insertions currently held.
     len: usize,
+    /// Live nodes reached through `#`. Without any, every matching state is
+    /// reached by one path only, so matching skips the visited set.
+    hash_nodes: usize,
 }
 
 impl<D: Ord + Clone> Default for TopicTrie<D> {
@@ -71,6 +74,7 @@ impl<D: Ord + Clone> TopicTrie<D> {
             nodes: vec![Node::new(false)],
             free: Vec::new(),
             len: 0,
+            hash_nodes: 0,
         }
     }
 
@@ -134,6 +138,9 @@ impl<D: Ord + Clone> TopicTrie<D> {
                 break;
             }
             self.nodes[parent].children.remove(word);
+            if self.nodes[node].is_hash {
+                self.hash_nodes -= 1;
+            }
             self.nodes[node] = Node::new(false);
             self.free.push(node);
             node = parent;
@@ -147,11 +154,12 @@ impl<D: Ord + Clone> TopicTrie<D> {
     pub fn for_each_match<'a>(&'a self, routing_key: &str, mut f: impl FnMut(&'a D)) {
         let words: Vec<&str> = split_words(routing_key).collect();
         let n = words.len();
-        // Each (node, words consumed) state is expanded at most once.
+        // Each (node, words consumed) state is expanded at most once; only
+        // `#` can lead to a state twice.
         let mut seen: HashSet<(usize, usize)> = HashSet::new();
         let mut stack: Vec<(usize, usize)> = vec![(ROOT, 0)];
         while let Some((id, i)) = stack.pop() {
-            if !seen.insert((id, i)) {
+            if self.hash_nodes > 0 && !seen.insert((id, i)) {
                 continue;
             }
             let Some(node) = self.nodes.get(id) else {
@@ -192,6 +200,9 @@ impl<D: Ord + Clone> TopicTrie<D> {
     }
 
     fn alloc(&mut self, is_hash: bool) -> usize {
+        if is_hash {
+            self.hash_nodes += 1;
+        }
         match self.free.pop() {
             Some(id) => {
                 self.nodes[id] = Node::new(is_hash);
@@ -322,6 +333,10 @@ mod tests {
         assert_eq!(t.nodes.len(), 5, "freed nodes are reused");
         assert!(!t.remove("a.nope", &"q".to_string()));
         assert_eq!(t.len(), 2);
+        t.insert("a.#.b.#", "h".to_string());
+        assert_eq!(t.hash_nodes, 2);
+        assert!(t.remove("a.#.b.#", &"h".to_string()));
+        assert_eq!(t.hash_nodes, 0);
     }
 
     #[test]
@@ -377,6 +392,10 @@ mod tests {
                     .collect();
                 prop_assert_eq!(t.matches(key), expected, "key {:?}", key);
             }
+            let live_hash = t.nodes.iter().enumerate()
+                .filter(|(i, n)| n.is_hash && !t.free.contains(i))
+                .count();
+            prop_assert_eq!(t.hash_nodes, live_hash);
         }
     }
 }
