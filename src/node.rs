@@ -304,7 +304,7 @@ impl Node {
                 };
                 if let Err(req) = h.try_send(Request::Apply(cmd, None)) {
                     tokio::spawn(async move {
-                        let _ = h.send(req).await;
+                        let _ = h.send(*req).await;
                     });
                 }
             }

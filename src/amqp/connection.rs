@@ -481,14 +481,9 @@ impl Conn {
                         Ok(_) => {}
                     }
                     last_read = Instant::now();
-                    loop {
-                        match frame::decode(&mut buf, self.frame_max)? {
-                            Some(f) => {
-                                if self.on_frame(f).await? {
-                                    return Ok(());
-                                }
-                            }
-                            None => break,
+                    while let Some(f) = frame::decode(&mut buf, self.frame_max)? {
+                        if self.on_frame(f).await? {
+                            return Ok(());
                         }
                     }
                     if buf.capacity() - buf.len() < 4096 {

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a broker node (one node with data in ./data by default).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Load generator: publishers with confirms and consumers with prefetch,
     /// reporting msgs/s and latency percentiles.
     Perf(perf::PerfArgs),

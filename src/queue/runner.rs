@@ -71,9 +71,11 @@ impl QueueHandle {
 
     /// Sends without waiting; used where waiting could deadlock (a queue
     /// dead-lettering into another queue).
-    pub fn try_send(&self, r: Request) -> Result<(), Request> {
+    pub fn try_send(&self, r: Request) -> Result<(), Box<Request>> {
         self.tx.try_send(r).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+            mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => {
+                Box::new(r)
+            }
         })
     }
 
