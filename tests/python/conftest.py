@@ -65,13 +65,8 @@ class Broker:
 
     @property
     def kombu_url(self):
-        return "amqp://%s:%s@%s:%d/%s" % (
-            quote(self.user, safe=""),
-            quote(self.password, safe=""),
-            self.host,
-            self.port,
-            quote(self.vhost, safe=""),
-        )
+        # kombu's py-amqp transport takes the same form; "%2F" is vhost "/"
+        return self.url
 
     @property
     def oslo_url(self):
