@@ -391,7 +391,7 @@ impl Conn {
                 let Some(kind) = ExchangeKind::parse(d.kind.as_str()) else {
                     return Err(AmqpError::new(
                         reply::COMMAND_INVALID,
-                        format!("invalid exchange type '{}'", d.kind),
+                        format!("unknown exchange type '{}'", d.kind),
                     ));
                 };
                 if d.passive {
@@ -491,6 +491,17 @@ impl Conn {
                 let mut name = d.queue.as_str().to_owned();
                 if name.is_empty() {
                     name = format!("amq.gen-{}", random_suffix());
+                }
+                if d.passive && name == REPLY_TO {
+                    // Clients check for the direct reply-to pseudo-queue.
+                    if !d.nowait {
+                        ok!(self, ch, queue, DeclareOk, queue::DeclareOk {
+                            queue: ShortString::from(REPLY_TO),
+                            message_count: 0,
+                            consumer_count: 0,
+                        });
+                    }
+                    return Ok(());
                 }
                 if d.passive {
                     let h = self.queue_access(&name)?;
