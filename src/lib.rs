@@ -1,3 +1,2 @@
-//! Warren: an AMQP 0-9-1 broker.
-pub mod message;
-pub mod queue;
+//! Warren (perf worktree: only the load generator is built here).
+pub mod cli;
