@@ -495,11 +495,17 @@ impl Conn {
                 if d.passive && name == REPLY_TO {
                     // Clients check for the direct reply-to pseudo-queue.
                     if !d.nowait {
-                        ok!(self, ch, queue, DeclareOk, queue::DeclareOk {
-                            queue: ShortString::from(REPLY_TO),
-                            message_count: 0,
-                            consumer_count: 0,
-                        });
+                        ok!(
+                            self,
+                            ch,
+                            queue,
+                            DeclareOk,
+                            queue::DeclareOk {
+                                queue: ShortString::from(REPLY_TO),
+                                message_count: 0,
+                                consumer_count: 0,
+                            }
+                        );
                     }
                     return Ok(());
                 }

@@ -526,8 +526,9 @@ impl Conn {
             };
         }
         if channel > self.channel_max {
+            // RabbitMQ answers this with 530, not the spec's 504.
             return Err(AmqpError::new(
-                reply::CHANNEL_ERROR,
+                reply::NOT_ALLOWED,
                 format!(
                     "channel number {channel} exceeds channel_max {}",
                     self.channel_max
