@@ -37,7 +37,6 @@ pub enum ChannelEvent {
         id: MsgId,
         msg: Message,
         redelivered: bool,
-        delivery_count: u32,
     },
     Confirm {
         seq: u64,

@@ -23,7 +23,7 @@ use crate::queue::runner::{QueueHandle, Request};
 use amq_protocol::protocol::{
     AMQPClass, BasicProperties, access, basic, channel as chan, confirm, exchange, queue, tx,
 };
-use amq_protocol::types::{AMQPValue, ShortString};
+use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -250,6 +250,7 @@ impl Conn {
                 class_id,
                 body_size,
                 raw_properties,
+                properties,
                 ..
             } => {
                 let Some(p) = c.content.as_mut().filter(|p| p.header.is_none()) else {
@@ -275,8 +276,7 @@ impl Conn {
                     )
                     .on(60, 40));
                 }
-                let props = crate::message::decode_properties(&raw_properties).unwrap_or_default();
-                p.header = Some((body_size, raw_properties, props));
+                p.header = Some((body_size, raw_properties, *properties));
                 if body_size == 0 {
                     self.complete_publish(ch, c).await?;
                 }
@@ -740,7 +740,6 @@ impl Conn {
                             id,
                             msg,
                             redelivered,
-                            delivery_count,
                             remaining,
                             ..
                         } => {
@@ -755,7 +754,6 @@ impl Conn {
                                     },
                                 );
                             }
-                            let msg = with_delivery_count(msg, delivery_count, h.config.quorum);
                             self.out.get_ok(
                                 ch,
                                 tag,
@@ -1235,7 +1233,6 @@ impl Conn {
                 id,
                 msg,
                 redelivered,
-                delivery_count,
             } => {
                 let Some(info) = c.consumers.get(&tag).filter(|_| !c.closing) else {
                     // Cancelled meanwhile: the message goes back.
@@ -1263,11 +1260,6 @@ impl Conn {
                         },
                     );
                 }
-                let quorum = self
-                    .node
-                    .queue(&self.vhost, &queue)
-                    .is_some_and(|h| h.config.quorum);
-                let msg = with_delivery_count(msg, delivery_count, quorum);
                 self.out.deliver(ch, &tag, dtag, redelivered, &msg);
                 self.out.content(ch, &msg, self.frame_max);
                 self.node.metrics.delivered.inc();
@@ -1393,20 +1385,4 @@ fn take_tags(c: &mut Channel, tag: u64, multiple: bool) -> Result<Vec<(u64, Unac
                 format!("unknown delivery tag {tag}"),
             )
         })
-}
-
-/// Quorum queues tell a consumer how often a message was returned before, in
-/// `x-delivery-count` (RabbitMQ 4.x), on redeliveries only so that the first
-/// delivery's properties go out untouched.
-fn with_delivery_count(msg: Message, count: u32, quorum: bool) -> Message {
-    if !quorum || count == 0 {
-        return msg;
-    }
-    let props = msg.properties();
-    let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from("x-delivery-count"),
-        AMQPValue::LongLongInt(count as i64),
-    );
-    msg.with_properties(&props.with_headers(headers))
 }

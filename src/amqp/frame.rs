@@ -40,6 +40,8 @@ pub enum Frame {
         body_size: u64,
         /// The property flags and list, exactly as sent.
         raw_properties: Bytes,
+        /// The same, decoded (once, here).
+        properties: Box<amq_protocol::protocol::BasicProperties>,
     },
     Body {
         channel: u16,
@@ -163,19 +165,20 @@ fn decode_header(channel: u16, payload: Bytes) -> Result<Frame, AmqpError> {
     let class_id = u16::from_be_bytes([payload[0], payload[1]]);
     let body_size = u64::from_be_bytes(payload[4..12].try_into().unwrap_or([0; 8]));
     let raw_properties = payload.slice(12..);
-    // Checked now so that a malformed table is refused at the door rather
+    // Decoded now so that a malformed table is refused at the door rather
     // than discovered by a consumer.
-    if crate::message::decode_properties(&raw_properties).is_none() {
+    let Some(properties) = crate::message::decode_properties(&raw_properties) else {
         return Err(AmqpError::new(
             reply::SYNTAX_ERROR,
             "malformed content header properties",
         ));
-    }
+    };
     Ok(Frame::Header {
         channel,
         class_id,
         body_size,
         raw_properties,
+        properties: Box::new(properties),
     })
 }
 

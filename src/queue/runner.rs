@@ -12,7 +12,9 @@
 use super::command::{Command, ConsumerSpec, Effect, OwnerId, QueueCounts};
 use super::config::QueueConfig;
 use super::fifo::QueueState;
+use crate::message::Message;
 use crate::node::{ChannelEvent, Node};
+use amq_protocol::types::{AMQPValue, ShortString};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
@@ -259,13 +261,13 @@ impl Runner {
                     delivery_count,
                 } => {
                     self.handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    let msg = self.with_delivery_count(msg, delivery_count);
                     let ev = ChannelEvent::Deliver {
                         queue: self.handle.name.clone(),
                         tag,
                         id,
                         msg,
                         redelivered,
-                        delivery_count,
                     };
                     if !self.node.send_to_owner(owner, ev) {
                         gone_owners.push(owner);
@@ -293,7 +295,25 @@ impl Runner {
                     self.node
                         .delete_queue_later(&self.handle.vhost, &self.handle.name);
                 }
-                e @ (Effect::GetOk { .. } | Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
+                Effect::GetOk {
+                    owner,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                    remaining,
+                } => {
+                    let msg = self.with_delivery_count(msg, delivery_count);
+                    replies.push(Effect::GetOk {
+                        owner,
+                        id,
+                        msg,
+                        redelivered,
+                        delivery_count,
+                        remaining,
+                    });
+                }
+                e @ (Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
                     replies.push(e);
                 }
             }
@@ -315,6 +335,22 @@ impl Runner {
             }
         }
         false
+    }
+
+    /// Quorum queues tell a consumer how often a message was returned
+    /// before, in `x-delivery-count` (RabbitMQ 4.x), on redeliveries only so
+    /// that a first delivery's properties go out untouched.
+    fn with_delivery_count(&self, msg: Message, count: u32) -> Message {
+        if !self.handle.config.quorum || count == 0 {
+            return msg;
+        }
+        let props = msg.properties();
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            ShortString::from("x-delivery-count"),
+            AMQPValue::LongLongInt(count as i64),
+        );
+        msg.with_properties(&props.with_headers(headers))
     }
 
     fn publish_stats(&self) {
