@@ -206,29 +206,18 @@ impl Node {
     }
 
     /// A connection closed: its exclusive queues go with it.
-    pub async fn connection_closed(self: &Arc<Self>, conn: ConnId) {
+    /// `vhost` is the one the connection used: its exclusive queues can be
+    /// nowhere else.
+    pub async fn connection_closed(self: &Arc<Self>, conn: ConnId, vhost: &str) {
         let outcome = {
             let mut meta = self.meta.write().unwrap_or_else(|e| e.into_inner());
             meta.apply(MetaCommand::ConnectionClosed { conn })
         };
         if let Ok(outcome) = outcome {
-            for (vhost, name) in self.exclusive_queue_locations(&outcome) {
-                self.stop_queue(&vhost, &name).await;
+            for name in &outcome.deleted_queues {
+                self.stop_queue(vhost, name).await;
             }
         }
-    }
-
-    fn exclusive_queue_locations(&self, outcome: &MetaOutcome) -> Vec<(String, String)> {
-        let q = self.queues.read().unwrap_or_else(|e| e.into_inner());
-        let mut found = Vec::new();
-        for name in &outcome.deleted_queues {
-            for (vhost, m) in q.iter() {
-                if m.contains_key(name.as_str()) {
-                    found.push((vhost.clone(), name.clone()));
-                }
-            }
-        }
-        found
     }
 
     pub fn register_owner(&self, owner: OwnerId, events: ConnEvents, channel: u16) {

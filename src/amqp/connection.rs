@@ -583,6 +583,6 @@ impl Conn {
         for ch in channels {
             self.close_channel_state(ch).await;
         }
-        self.node.connection_closed(self.id).await;
+        self.node.connection_closed(self.id, &self.vhost).await;
     }
 }

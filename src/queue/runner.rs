@@ -179,6 +179,7 @@ impl Runner {
             }
         }
         self.cancel_all_consumers();
+        self.refuse_pending(rx);
     }
 
     /// Returns true when the runner must stop.
@@ -360,6 +361,40 @@ impl Runner {
         s.unacked.store(c.unacked, Ordering::Relaxed);
         s.consumers.store(c.consumers, Ordering::Relaxed);
         s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
+    }
+
+    /// Answers what was sent after the queue stopped: a publish waiting for
+    /// a confirm is confirmed (it reached the queue, which is gone, as in
+    /// RabbitMQ), so that no publisher waits forever; a consumer is refused.
+    /// Replies that are dropped make their callers see a deleted queue.
+    fn refuse_pending(&self, mut rx: mpsc::Receiver<Request>) {
+        rx.close();
+        while let Ok(req) = rx.try_recv() {
+            match req {
+                Request::Apply(
+                    Command::Enqueue {
+                        confirm: Some(confirm),
+                        ..
+                    },
+                    _,
+                ) => {
+                    self.node.send_to_owner(
+                        confirm.owner,
+                        ChannelEvent::Confirm {
+                            seq: confirm.seq,
+                            accepted: true,
+                        },
+                    );
+                }
+                Request::Consume { reply, .. } => {
+                    let _ = reply.send(Err(format!(
+                        "queue '{}' in vhost '{}' was deleted",
+                        self.handle.name, self.handle.vhost
+                    )));
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Tells every consumer's channel that the queue is gone
