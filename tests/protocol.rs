@@ -296,3 +296,58 @@ fn a_second_channel_open_on_the_same_channel_is_a_channel_error() {
     );
     assert_eq!(r.expect_connection_close(), 504);
 }
+
+#[test]
+fn amqplain_logins_are_accepted() {
+    use amq_protocol::auth::{Credentials, SASLMechanism};
+    let server = Server::start();
+    let mut r = Raw::connect(&server);
+    r.send(PROTOCOL_HEADER);
+    assert!(matches!(
+        r.recv_method(),
+        Some(AMQPClass::Connection(conn::AMQPMethod::Start(_)))
+    ));
+    let response =
+        Credentials::new("guest".into(), "guest".into()).sasl_auth_string(SASLMechanism::AMQPlain);
+    r.send_method(
+        0,
+        &AMQPClass::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
+            client_properties: Default::default(),
+            mechanism: "AMQPLAIN".into(),
+            response,
+            locale: "en_US".into(),
+        })),
+    );
+    assert!(matches!(
+        r.recv_method(),
+        Some(AMQPClass::Connection(conn::AMQPMethod::Tune(_)))
+    ));
+}
+
+#[test]
+fn settings_come_from_the_config_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("warren.toml");
+    std::fs::write(&path, "frame_max = 65536\nchannel_max = 99\n").unwrap();
+    // The environment overrides the file.
+    let server = Server::start_with_env(
+        &["--config", path.to_str().unwrap()],
+        &[("WARREN_CHANNEL_MAX", "42"), ("WARREN_HEARTBEAT", "7")],
+    );
+    let mut r = Raw::connect(&server);
+    r.send(PROTOCOL_HEADER);
+    r.recv_method();
+    r.send_method(
+        0,
+        &AMQPClass::Connection(conn::AMQPMethod::StartOk(conn::StartOk {
+            client_properties: Default::default(),
+            mechanism: "PLAIN".into(),
+            response: b"\0guest\0guest".to_vec().into(),
+            locale: "en_US".into(),
+        })),
+    );
+    let Some(AMQPClass::Connection(conn::AMQPMethod::Tune(t))) = r.recv_method() else {
+        panic!("expected tune")
+    };
+    assert_eq!((t.frame_max, t.channel_max, t.heartbeat), (65536, 42, 7));
+}

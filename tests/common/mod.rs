@@ -36,6 +36,11 @@ impl Server {
     /// Starts a server with extra flags and waits until it accepts AMQP
     /// connections (at most 30 s).
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    /// Starts a server with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let amqp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -45,6 +50,7 @@ impl Server {
             .args(["--admin-listen", &admin.to_string()])
             .args(["--data-dir", dir.path().to_str().unwrap()])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
