@@ -23,7 +23,7 @@ use crate::queue::runner::{QueueHandle, Request};
 use amq_protocol::protocol::{
     AMQPClass, BasicProperties, access, basic, channel as chan, confirm, exchange, queue, tx,
 };
-use amq_protocol::types::ShortString;
+use amq_protocol::types::{FieldTable, ShortString};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -433,12 +433,12 @@ impl Conn {
             exchange::AMQPMethod::Bind(b) => {
                 self.node.apply_meta(MetaCommand::Bind {
                     vhost,
-                    binding: BindingDef {
-                        source: b.source.as_str().to_owned(),
-                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: b.arguments,
-                    },
+                    binding: binding(
+                        &b.source,
+                        Destination::Exchange(b.destination.to_string()),
+                        &b.routing_key,
+                        b.arguments,
+                    ),
                 })?;
                 if !b.nowait {
                     ok!(self, ch, exchange, BindOk, exchange::BindOk {});
@@ -447,12 +447,12 @@ impl Conn {
             exchange::AMQPMethod::Unbind(b) => {
                 self.node.apply_meta(MetaCommand::Unbind {
                     vhost,
-                    binding: BindingDef {
-                        source: b.source.as_str().to_owned(),
-                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: b.arguments,
-                    },
+                    binding: binding(
+                        &b.source,
+                        Destination::Exchange(b.destination.to_string()),
+                        &b.routing_key,
+                        b.arguments,
+                    ),
                 })?;
                 if !b.nowait {
                     ok!(self, ch, exchange, UnbindOk, exchange::UnbindOk {});
@@ -573,12 +573,12 @@ impl Conn {
                 self.queue_access(b.queue.as_str())?;
                 self.node.apply_meta(MetaCommand::Bind {
                     vhost,
-                    binding: BindingDef {
-                        source: b.exchange.as_str().to_owned(),
-                        destination: Destination::Queue(b.queue.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: b.arguments,
-                    },
+                    binding: binding(
+                        &b.exchange,
+                        Destination::Queue(b.queue.to_string()),
+                        &b.routing_key,
+                        b.arguments,
+                    ),
                 })?;
                 if !b.nowait {
                     ok!(self, ch, queue, BindOk, queue::BindOk {});
@@ -588,12 +588,12 @@ impl Conn {
                 self.queue_access(b.queue.as_str())?;
                 self.node.apply_meta(MetaCommand::Unbind {
                     vhost,
-                    binding: BindingDef {
-                        source: b.exchange.as_str().to_owned(),
-                        destination: Destination::Queue(b.queue.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: b.arguments,
-                    },
+                    binding: binding(
+                        &b.exchange,
+                        Destination::Queue(b.queue.to_string()),
+                        &b.routing_key,
+                        b.arguments,
+                    ),
                 })?;
                 ok!(self, ch, queue, UnbindOk, queue::UnbindOk {});
             }
@@ -1346,6 +1346,21 @@ impl Conn {
             self.release_channel(&mut c).await;
             self.forget_channel(c);
         }
+    }
+}
+
+/// A binding as a definition command names it.
+fn binding(
+    source: &ShortString,
+    destination: Destination,
+    routing_key: &ShortString,
+    arguments: FieldTable,
+) -> BindingDef {
+    BindingDef {
+        source: source.as_str().to_owned(),
+        destination,
+        routing_key: routing_key.as_str().to_owned(),
+        arguments,
     }
 }
 
