@@ -73,7 +73,7 @@ impl QueueConfig {
                 // A Raft group outlives its declaring connection by design, so
                 // RabbitMQ refuses quorum queues that would not.
                 if exclusive {
-                    return Err("invalid property 'exclusive' for a quorum queue".into());
+                    return Err("invalid property 'exclusive-owner' for a quorum queue".into());
                 }
                 if auto_delete {
                     return Err("invalid property 'auto-delete' for a quorum queue".into());
@@ -85,7 +85,8 @@ impl QueueConfig {
             }
             Some(other) => {
                 return Err(format!(
-                    "invalid arg 'x-queue-type': expected 'classic' or 'quorum', got '{other}'"
+                    "invalid arg 'x-queue-type': unsupported queue type '{other}' \
+                     (expected 'classic' or 'quorum')"
                 ));
             }
         };
@@ -248,9 +249,10 @@ mod tests {
 
     #[test]
     fn unknown_queue_type_is_refused() {
-        for t in ["stream", "foo"] {
+        for t in ["stream", "banana"] {
             let e = durable(&[("x-queue-type", long(t))]).unwrap_err();
             assert!(e.contains("x-queue-type"), "{e}");
+            assert!(e.contains(&format!("unsupported queue type '{t}'")), "{e}");
         }
         assert!(durable(&[("x-queue-type", AMQPValue::LongInt(1))]).is_err());
     }
@@ -258,9 +260,14 @@ mod tests {
     #[test]
     fn quorum_type_refuses_exclusive_auto_delete_and_transient() {
         let t = table(&[("x-queue-type", long("quorum"))]);
-        assert!(QueueConfig::from_arguments(true, true, false, &t).is_err());
-        assert!(QueueConfig::from_arguments(true, false, true, &t).is_err());
-        assert!(QueueConfig::from_arguments(false, false, false, &t).is_err());
+        for ((d, e, a), what) in [
+            ((true, true, false), "exclusive-owner"),
+            ((true, false, true), "auto-delete"),
+            ((false, false, false), "non-durable"),
+        ] {
+            let err = QueueConfig::from_arguments(d, e, a, &t).unwrap_err();
+            assert_eq!(err, format!("invalid property '{what}' for a quorum queue"));
+        }
         assert!(
             QueueConfig::from_arguments(true, false, false, &t)
                 .unwrap()
