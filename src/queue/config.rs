@@ -46,6 +46,11 @@ pub struct QueueConfig {
     pub delivery_limit: Option<u32>,
     /// `x-single-active-consumer`.
     pub single_active_consumer: bool,
+    /// `x-max-priority` of a classic queue: message priorities above it
+    /// count as it. `None` for a classic queue without the argument (every
+    /// message has the same priority) and always for a quorum queue, whose
+    /// two fixed priorities need no declaration.
+    pub max_priority: Option<u8>,
 }
 
 /// Largest TTL or expiry RabbitMQ accepts (its timers are 32-bit).
@@ -66,14 +71,15 @@ impl QueueConfig {
         auto_delete: bool,
         args: &FieldTable,
     ) -> Result<QueueConfig, String> {
-        let quorum = match string_arg(args, "x-queue-type")?.as_deref() {
+        let queue_type = string_arg(args, "x-queue-type")?;
+        let quorum = match queue_type.as_deref() {
             None => durable && !exclusive && !auto_delete,
             Some("classic") => false,
             Some("quorum") => {
                 // A Raft group outlives its declaring connection by design, so
                 // RabbitMQ refuses quorum queues that would not.
                 if exclusive {
-                    return Err("invalid property 'exclusive' for a quorum queue".into());
+                    return Err("invalid property 'exclusive-owner' for a quorum queue".into());
                 }
                 if auto_delete {
                     return Err("invalid property 'auto-delete' for a quorum queue".into());
@@ -85,7 +91,8 @@ impl QueueConfig {
             }
             Some(other) => {
                 return Err(format!(
-                    "invalid arg 'x-queue-type': expected 'classic' or 'quorum', got '{other}'"
+                    "invalid arg 'x-queue-type': unsupported queue type '{other}' \
+                     (expected 'classic' or 'quorum')"
                 ));
             }
         };
@@ -131,9 +138,18 @@ impl QueueConfig {
             }
         };
 
-        // Validated for compatibility, not acted on: every queue here honours
-        // message priorities, and group size is the cluster layer's business.
-        int_arg(args, "x-max-priority", 0, 255)?;
+        let max_priority =
+            int_arg(args, "x-max-priority", 0, 255)?.map(|m| u8::try_from(m).unwrap_or(u8::MAX));
+        // RabbitMQ refuses x-max-priority on a queue declared quorum outright.
+        // A durable queue that is quorum only by Warren's default keeps it
+        // accepted: clients written for RabbitMQ's classic default declare
+        // such queues, and they get the quorum queue's two priorities.
+        if max_priority.is_some() && quorum && queue_type.is_some() {
+            return Err("invalid arg 'x-max-priority': not supported by quorum queues".into());
+        }
+        let max_priority = if quorum { None } else { max_priority };
+        // Validated for compatibility, not acted on: group size is the
+        // cluster layer's business.
         int_arg(args, "x-quorum-initial-group-size", 1, u64::MAX)?;
 
         Ok(QueueConfig {
@@ -147,6 +163,7 @@ impl QueueConfig {
             dead_letter_routing_key,
             delivery_limit,
             single_active_consumer,
+            max_priority,
         })
     }
 
@@ -164,6 +181,7 @@ impl QueueConfig {
             dead_letter_routing_key: None,
             delivery_limit: None,
             single_active_consumer: false,
+            max_priority: None,
         }
     }
 }
@@ -248,9 +266,10 @@ mod tests {
 
     #[test]
     fn unknown_queue_type_is_refused() {
-        for t in ["stream", "foo"] {
+        for t in ["stream", "banana"] {
             let e = durable(&[("x-queue-type", long(t))]).unwrap_err();
             assert!(e.contains("x-queue-type"), "{e}");
+            assert!(e.contains(&format!("unsupported queue type '{t}'")), "{e}");
         }
         assert!(durable(&[("x-queue-type", AMQPValue::LongInt(1))]).is_err());
     }
@@ -258,9 +277,14 @@ mod tests {
     #[test]
     fn quorum_type_refuses_exclusive_auto_delete_and_transient() {
         let t = table(&[("x-queue-type", long("quorum"))]);
-        assert!(QueueConfig::from_arguments(true, true, false, &t).is_err());
-        assert!(QueueConfig::from_arguments(true, false, true, &t).is_err());
-        assert!(QueueConfig::from_arguments(false, false, false, &t).is_err());
+        for ((d, e, a), what) in [
+            ((true, true, false), "exclusive-owner"),
+            ((true, false, true), "auto-delete"),
+            ((false, false, false), "non-durable"),
+        ] {
+            let err = QueueConfig::from_arguments(d, e, a, &t).unwrap_err();
+            assert_eq!(err, format!("invalid property '{what}' for a quorum queue"));
+        }
         assert!(
             QueueConfig::from_arguments(true, false, false, &t)
                 .unwrap()
@@ -301,6 +325,7 @@ mod tests {
             ("x-single-active-consumer", long("true")),
             ("x-max-priority", AMQPValue::LongInt(256)),
             ("x-max-priority", AMQPValue::LongInt(-1)),
+            ("x-max-priority", long("high")),
             ("x-quorum-initial-group-size", AMQPValue::LongInt(0)),
             ("x-dead-letter-exchange", AMQPValue::LongInt(0)),
         ];
@@ -354,12 +379,47 @@ mod tests {
     fn single_active_consumer_and_validated_only_arguments_are_accepted() {
         let c = durable(&[
             ("x-single-active-consumer", AMQPValue::Boolean(true)),
-            ("x-max-priority", AMQPValue::ShortShortUInt(10)),
             ("x-quorum-initial-group-size", AMQPValue::LongInt(3)),
             ("x-unknown-extension", long("ignored")),
         ])
         .unwrap();
         assert!(c.single_active_consumer);
+    }
+
+    #[test]
+    fn classic_queue_keeps_its_max_priority() {
+        let t = table(&[("x-max-priority", AMQPValue::ShortShortUInt(10))]);
+        let c = QueueConfig::from_arguments(false, false, false, &t).unwrap();
+        assert_eq!(c.max_priority, Some(10));
+        let c = durable(&[
+            ("x-queue-type", long("classic")),
+            ("x-max-priority", AMQPValue::LongInt(255)),
+        ])
+        .unwrap();
+        assert_eq!(c.max_priority, Some(255));
+        assert_eq!(
+            durable(&[("x-queue-type", long("classic"))])
+                .unwrap()
+                .max_priority,
+            None
+        );
+    }
+
+    #[test]
+    fn explicit_quorum_type_refuses_max_priority() {
+        let e = durable(&[
+            ("x-queue-type", long("quorum")),
+            ("x-max-priority", AMQPValue::LongInt(5)),
+        ])
+        .unwrap_err();
+        assert!(e.contains("invalid arg 'x-max-priority'"), "{e}");
+    }
+
+    #[test]
+    fn default_quorum_queue_accepts_max_priority_and_uses_its_own_priorities() {
+        let c = durable(&[("x-max-priority", AMQPValue::ShortShortUInt(10))]).unwrap();
+        assert!(c.quorum);
+        assert_eq!(c.max_priority, None);
     }
 
     #[test]

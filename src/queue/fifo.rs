@@ -8,8 +8,16 @@
 //! (classic) queues run the same machine without the log.
 //!
 //! The model follows RabbitMQ's `rabbit_fifo`:
-//! - ready messages are ordered by priority (highest first), then by id, and
-//!   a returned message goes back to the place its id gives it;
+//! - each message gets a priority level when it is enqueued, FIFO by id
+//!   within a level, and a returned message goes back to the place its id
+//!   gives it. The levels depend on the queue type, as in RabbitMQ:
+//!   - a quorum queue has two, "high" (priority above 4) and "normal" (0 to
+//!     4, or none). When both have ready messages they are served two high,
+//!     then one normal, so normal messages are never starved (RabbitMQ 4.x's
+//!     `rabbit_fifo_q`); the position in that cycle is part of the state;
+//!   - a classic queue has levels only if declared with `x-max-priority` M:
+//!     the level is `min(priority, M)`, served strictly highest first.
+//!     Without it every message is on level 0 and the queue is plain FIFO;
 //! - consumers take messages while they have credit (prefetch), the highest
 //!   priority first and round-robin among equals;
 //! - message TTL is enforced at the head of each priority level only, so
@@ -18,9 +26,10 @@
 //! Bounds: the number of ready messages is limited only by `x-max-length`
 //! and `x-max-length-bytes` (memory limits are the broker's business). Each
 //! command does work proportional to the messages it moves plus the number
-//! of consumers and priority levels (at most 256), never a scan of the queue,
-//! except `OwnerDown` and `Purge`, which touch that owner's unacknowledged
-//! messages and every ready message respectively.
+//! of consumers and priority levels (at most 256 for a classic queue, 2 for
+//! a quorum queue), never a scan of the queue, except `OwnerDown` and
+//! `Purge`, which touch that owner's unacknowledged messages and every ready
+//! message respectively.
 
 use super::command::{
     Command, ConfirmRef, ConsumerSpec, DeadLetterReason, Effect, MsgId, OwnerId, QueueCounts,
@@ -33,9 +42,19 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
-/// Position of a ready message: higher priority first, then FIFO by id. A
-/// returned message keeps its id and so returns to its original place.
+/// Position of a ready message: higher level first, then FIFO by id. A
+/// returned message keeps its id and level and so returns to its original
+/// place. (For a quorum queue the 2:1 cycle decides between the two levels;
+/// see [`QueueState::next_ready_key`].)
 type ReadyKey = (Reverse<u8>, MsgId);
+
+/// Quorum queues: a message priority above this is "high".
+const QUORUM_NORMAL_MAX_PRIORITY: u8 = 4;
+/// Quorum queue level of "high" messages ("normal" ones are on level 0).
+const QUORUM_HIGH: u8 = 1;
+/// Quorum queues serve this many high messages for each normal one while
+/// both levels have ready messages (RabbitMQ's `?WEIGHT`).
+const QUORUM_HIGH_WEIGHT: u8 = 2;
 
 /// Identifies one consumer registration. Never reused, so an unacknowledged
 /// message of a cancelled consumer cannot be counted against a later consumer
@@ -53,6 +72,9 @@ struct Stored {
     redelivered: bool,
     /// When the message expires (ms), from `x-message-ttl` and `expiration`.
     expires_at: Option<u64>,
+    /// Effective priority level, fixed at enqueue from the message priority
+    /// and the queue type (see the module comment).
+    level: u8,
 }
 
 impl Stored {
@@ -61,7 +83,7 @@ impl Stored {
     }
 
     fn key(&self, id: MsgId) -> ReadyKey {
-        (Reverse(self.msg.priority), id)
+        (Reverse(self.level), id)
     }
 }
 
@@ -114,6 +136,11 @@ pub struct QueueState {
     service_order: BTreeMap<(Reverse<i32>, u64), ConsumerSerial>,
     next_serial: ConsumerSerial,
     next_turn: u64,
+    /// Quorum queues: where the next take is in the cycle of
+    /// `QUORUM_HIGH_WEIGHT + 1` takes, the last of which goes to a normal
+    /// message if one is waiting. Advances on every take from the head,
+    /// whichever level it comes from, as RabbitMQ's `dequeue_counter` does.
+    priority_turn: u8,
     /// With single active consumer: the one that receives.
     active: Option<ConsumerSerial>,
     /// The latest time seen in any command. Commands without a time (Settle,
@@ -140,6 +167,7 @@ impl QueueState {
             service_order: BTreeMap::new(),
             next_serial: 1,
             next_turn: 0,
+            priority_turn: 0,
             active: None,
             clock_ms: now_ms,
             last_used_ms: now_ms,
@@ -312,6 +340,7 @@ impl QueueState {
         };
         let stored = Stored {
             expires_at: ttl.map(|t| self.clock_ms.saturating_add(t)),
+            level: self.level_of(&msg),
             msg,
             delivery_count: 0,
             redelivered: false,
@@ -324,6 +353,18 @@ impl QueueState {
         self.expire_heads(fx);
         if self.config.overflow == Overflow::DropHead {
             self.trim_to_limits(fx);
+        }
+    }
+
+    /// The priority level a message gets in this queue (see the module
+    /// comment).
+    fn level_of(&self, msg: &Message) -> u8 {
+        if self.config.quorum {
+            u8::from(msg.priority > QUORUM_NORMAL_MAX_PRIORITY)
+        } else {
+            self.config
+                .max_priority
+                .map_or(0, |max| msg.priority.min(max))
         }
     }
 
@@ -353,12 +394,11 @@ impl QueueState {
             if !(over_count || over_bytes) {
                 break;
             }
-            let Some(key) = self.ready.keys().next().copied() else {
+            // The head is the message that would be delivered next.
+            let Some((_, stored)) = self.take_next_ready() else {
                 break;
             };
-            if let Some(stored) = self.remove_ready(key) {
-                self.dead_letter(stored.msg, DeadLetterReason::MaxLen, fx);
-            }
+            self.dead_letter(stored.msg, DeadLetterReason::MaxLen, fx);
         }
         debug_assert!(
             self.config
@@ -513,14 +553,48 @@ impl QueueState {
         fx: &mut Vec<Effect>,
     ) -> Option<(MsgId, Stored)> {
         loop {
-            let key = *self.ready.keys().next()?;
-            let stored = self.remove_ready(key)?;
+            let (key, stored) = self.take_next_ready()?;
             if stored.is_expired(self.clock_ms) && fresh != Some(key.1) {
                 self.dead_letter(stored.msg, DeadLetterReason::Expired, fx);
                 continue;
             }
             return Some((key.1, stored));
         }
+    }
+
+    /// The ready message to take next. A classic queue serves its highest
+    /// level first. A quorum queue serves high messages first except on
+    /// the last take of each cycle, which goes to the normal head, unless
+    /// the high head is older (then taking it first starves no one).
+    fn next_ready_key(&self) -> Option<ReadyKey> {
+        let first = *self.ready.keys().next()?;
+        if !self.config.quorum || first.0 != Reverse(QUORUM_HIGH) {
+            return Some(first);
+        }
+        debug_assert!(self.priority_turn <= QUORUM_HIGH_WEIGHT);
+        if self.priority_turn < QUORUM_HIGH_WEIGHT {
+            return Some(first);
+        }
+        let normal = self.ready.range((Reverse(0), 0)..).next().map(|(k, _)| *k);
+        match normal {
+            Some(normal) if normal.1 < first.1 => Some(normal),
+            _ => Some(first),
+        }
+    }
+
+    /// Removes the ready message `next_ready_key` names, advancing a quorum
+    /// queue's 2:1 cycle.
+    fn take_next_ready(&mut self) -> Option<(ReadyKey, Stored)> {
+        let key = self.next_ready_key()?;
+        let stored = self.remove_ready(key)?;
+        if self.config.quorum {
+            self.priority_turn = if self.priority_turn >= QUORUM_HIGH_WEIGHT {
+                0
+            } else {
+                self.priority_turn + 1
+            };
+        }
+        Some((key, stored))
     }
 
     /// Removes expired messages at the head of every priority level, as
@@ -670,6 +744,8 @@ impl QueueState {
                 .last_key_value()
                 .is_none_or(|(&id, _)| id < self.next_id)
         );
+        debug_assert!(self.priority_turn <= QUORUM_HIGH_WEIGHT);
+        debug_assert!(self.config.quorum || self.priority_turn == 0);
         #[cfg(test)]
         self.assert_all_invariants();
     }
@@ -678,8 +754,15 @@ impl QueueState {
     fn assert_all_invariants(&self) {
         let bytes: u64 = self.ready.values().map(|s| s.msg.body_len()).sum();
         assert_eq!(bytes, self.ready_bytes, "ready_bytes out of step");
-        for (&(Reverse(prio), id), stored) in &self.ready {
-            assert_eq!(prio, stored.msg.priority);
+        let top_level = if self.config.quorum {
+            QUORUM_HIGH
+        } else {
+            self.config.max_priority.unwrap_or(0)
+        };
+        for (&(Reverse(level), id), stored) in &self.ready {
+            assert_eq!(level, stored.level);
+            assert_eq!(level, self.level_of(&stored.msg));
+            assert!(level <= top_level, "level {level} above {top_level}");
             assert!(id >= 1 && id < self.next_id);
             assert!(!self.unacked.contains_key(&id), "{id} ready and unacked");
         }
@@ -755,6 +838,27 @@ mod tests {
 
     fn classic() -> QueueState {
         QueueState::new(QueueConfig::classic(), T0)
+    }
+
+    /// A classic queue declared with `x-max-priority`.
+    fn prioritised(max_priority: u8) -> QueueConfig {
+        QueueConfig {
+            max_priority: Some(max_priority),
+            ..QueueConfig::classic()
+        }
+    }
+
+    /// A quorum queue's configuration, without the delivery limit that
+    /// would get in the way of tests about ordering.
+    fn quorum_config() -> QueueConfig {
+        QueueConfig {
+            quorum: true,
+            ..QueueConfig::classic()
+        }
+    }
+
+    fn quorum() -> QueueState {
+        QueueState::new(quorum_config(), T0)
     }
 
     fn enqueue(q: &mut QueueState, m: Message) -> Vec<Effect> {
@@ -899,14 +1003,145 @@ mod tests {
         assert_eq!(ids, vec![1, 2, 3]);
     }
 
+    // --- message priority ---------------------------------------------------
+
+    /// Enqueues `(body, priority)` pairs, then drains the queue with
+    /// `basic.get`, returning the bodies in the order they came out.
+    fn drain_by_get(q: &mut QueueState, msgs: &[(&str, u8)]) -> Vec<String> {
+        for &(b, p) in msgs {
+            enqueue(q, msg_priority(b, p));
+        }
+        let mut out = Vec::new();
+        loop {
+            let fx = get(q, 1, true);
+            if fx == [Effect::GetEmpty { owner: 1 }] {
+                return out;
+            }
+            out.extend(bodies(&fx));
+        }
+    }
+
     #[test]
-    fn higher_priority_messages_go_first_and_fifo_within_a_priority() {
-        let mut q = classic();
+    fn classic_queue_with_max_priority_serves_highest_first_and_fifo_within_a_level() {
+        let mut q = QueueState::new(prioritised(10), T0);
         for (b, p) in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 9)] {
             enqueue(&mut q, msg_priority(b, p));
         }
         let fx = consume(&mut q, spec(1, "c", 0));
         assert_eq!(bodies(&fx), ["e", "b", "d", "a", "c"]);
+    }
+
+    #[test]
+    fn classic_queue_caps_priorities_at_its_max_priority() {
+        // As test_classic_queue_message_priority: 200 counts as 10.
+        let mut q = QueueState::new(prioritised(10), T0);
+        let out = drain_by_get(
+            &mut q,
+            &[
+                ("p1", 1),
+                ("p5", 5),
+                ("p3", 3),
+                ("pNone", 0),
+                ("p10", 10),
+                ("p9", 9),
+                ("p200", 200),
+                ("p0", 0),
+            ],
+        );
+        assert_eq!(out, ["p10", "p200", "p9", "p5", "p3", "p1", "pNone", "p0"]);
+    }
+
+    #[test]
+    fn classic_queue_without_max_priority_ignores_message_priority() {
+        let mut q = classic();
+        let out = drain_by_get(&mut q, &[("a", 0), ("b", 9), ("c", 255), ("d", 1)]);
+        assert_eq!(out, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn classic_queue_with_max_priority_zero_is_fifo() {
+        let mut q = QueueState::new(prioritised(0), T0);
+        let out = drain_by_get(&mut q, &[("a", 0), ("b", 9), ("c", 3)]);
+        assert_eq!(out, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn quorum_queue_serves_high_before_normal_fifo_within_each() {
+        // As test_quorum_queue_message_priority: 0-4 is normal, 5+ is high.
+        let mut q = quorum();
+        let out = drain_by_get(&mut q, &[("n1", 0), ("n2", 4), ("h1", 5), ("h2", 9)]);
+        assert_eq!(out, ["h1", "h2", "n1", "n2"]);
+    }
+
+    #[test]
+    fn quorum_queue_interleaves_two_high_then_one_normal() {
+        let mut q = quorum();
+        let mut msgs = vec![("n", 0u8); 3];
+        msgs.extend(vec![("h", 9u8); 6]);
+        let out = drain_by_get(&mut q, &msgs);
+        assert_eq!(out, ["h", "h", "n", "h", "h", "n", "h", "h", "n"]);
+    }
+
+    #[test]
+    fn quorum_queue_interleave_applies_to_consumer_deliveries_too() {
+        let mut q = quorum();
+        for (b, p) in [
+            ("n1", 1),
+            ("n2", 2),
+            ("h1", 7),
+            ("h2", 8),
+            ("h3", 5),
+            ("h4", 6),
+        ] {
+            enqueue(&mut q, msg_priority(b, p));
+        }
+        let fx = consume(&mut q, spec(1, "c", 0));
+        assert_eq!(bodies(&fx), ["h1", "h2", "n1", "h3", "h4", "n2"]);
+    }
+
+    #[test]
+    fn quorum_queue_takes_an_older_high_message_on_the_normal_turn() {
+        // On the normal turn the high head still goes first when it is
+        // older than the normal head, as in RabbitMQ: that starves no one.
+        let mut q = quorum();
+        let out = drain_by_get(
+            &mut q,
+            &[("h1", 9), ("h2", 9), ("h3", 9), ("n1", 0), ("h4", 9)],
+        );
+        assert_eq!(out, ["h1", "h2", "h3", "h4", "n1"]);
+    }
+
+    #[test]
+    fn quorum_queue_cycle_advances_on_every_take() {
+        // Two normal takes use up the cycle's first two turns, so the next
+        // take is the normal one.
+        let mut q = quorum();
+        assert_eq!(drain_by_get(&mut q, &[("n1", 0), ("n2", 0)]), ["n1", "n2"]);
+        let out = drain_by_get(&mut q, &[("n3", 0), ("h1", 9), ("h2", 9)]);
+        assert_eq!(out, ["n3", "h1", "h2"]);
+    }
+
+    #[test]
+    fn returned_message_keeps_its_level_in_a_quorum_queue() {
+        let mut q = quorum();
+        enqueue(&mut q, msg_priority("n", 0));
+        enqueue(&mut q, msg_priority("h", 9));
+        let fx = get(&mut q, 7, false);
+        assert_eq!(bodies(&fx), ["h"]);
+        ret(&mut q, 7, &[2]);
+        let fx = consume(&mut q, spec(1, "c", 0));
+        assert_eq!(bodies(&fx), ["h", "n"]);
+    }
+
+    #[test]
+    fn priority_cycle_is_part_of_the_replicated_state() {
+        let mut a = quorum();
+        drain_by_get(&mut a, &[("h", 9)]);
+        let b = quorum();
+        assert_ne!(a, b, "a take must show in the state");
+        let json = serde_json::to_string(&a).unwrap();
+        let back: QueueState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, a);
     }
 
     #[test]
@@ -1243,7 +1478,7 @@ mod tests {
 
     #[test]
     fn get_takes_the_next_message_and_reports_how_many_remain() {
-        let mut q = classic();
+        let mut q = QueueState::new(prioritised(9), T0);
         enqueue(&mut q, msg("a"));
         enqueue(&mut q, msg_priority("b", 1));
         let fx = get(&mut q, 1, true);
@@ -1376,7 +1611,7 @@ mod tests {
 
     #[test]
     fn each_priority_level_expires_its_own_head() {
-        let mut q = QueueState::new(with_dlx(QueueConfig::classic()), T0);
+        let mut q = QueueState::new(with_dlx(prioritised(9)), T0);
         enqueue(&mut q, msg_priority("high", 5));
         enqueue(&mut q, msg_expiring("low", 10));
         assert_eq!(q.next_deadline(), Some(T0 + 10));
@@ -1386,6 +1621,24 @@ mod tests {
             [("low".to_string(), DeadLetterReason::Expired)]
         );
         assert_eq!(q.counts().ready, 1);
+    }
+
+    #[test]
+    fn each_quorum_level_expires_its_own_head() {
+        let mut q = QueueState::new(with_dlx(quorum_config()), T0);
+        enqueue(&mut q, msg_priority("normal", 0));
+        enqueue(&mut q, msg_expiring("normal-expiring", 10));
+        let mut high = msg_expiring("high", 10);
+        high.priority = 9;
+        enqueue(&mut q, high);
+        assert_eq!(q.next_deadline(), Some(T0 + 10));
+        let fx = tick(&mut q, T0 + 10);
+        assert_eq!(
+            dead_letters(&fx),
+            [("high".to_string(), DeadLetterReason::Expired)]
+        );
+        // The normal message expiring behind a live head waits its turn.
+        assert_eq!(q.counts().ready, 2);
     }
 
     #[test]
@@ -1667,7 +1920,9 @@ mod properties {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            6 => (0u8..3, option::weighted(0.3, 0u64..60), 0usize..8, any::<bool>()).prop_map(
+            // Both sides of the quorum queue's 4/5 boundary, and above a
+            // classic queue's x-max-priority.
+            6 => (0u8..8, option::weighted(0.3, 0u64..60), 0usize..8, any::<bool>()).prop_map(
                 |(priority, expiration, padding, confirm)| Op::Enqueue {
                     priority,
                     expiration,
@@ -1718,9 +1973,21 @@ mod properties {
             any::<bool>(),
             option::weighted(0.4, 0u32..3),
             proptest::bool::weighted(0.2),
+            option::weighted(0.5, 0u8..6),
         )
             .prop_map(
-                move |(quorum, ttl, expires, max_len, max_bytes, overflow, dl, limit, sac)| {
+                move |(
+                    quorum,
+                    ttl,
+                    expires,
+                    max_len,
+                    max_bytes,
+                    overflow,
+                    dl,
+                    limit,
+                    sac,
+                    max_prio,
+                )| {
                     QueueConfig {
                         quorum,
                         message_ttl_ms: ttl,
@@ -1732,6 +1999,8 @@ mod properties {
                         dead_letter_routing_key: None,
                         delivery_limit: limit,
                         single_active_consumer: sac,
+                        // Only classic queues have x-max-priority.
+                        max_priority: max_prio.filter(|_| !quorum),
                     }
                 },
             )
