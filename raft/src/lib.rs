@@ -24,5 +24,8 @@ pub mod group_commit;
 pub mod log_store;
 pub mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use log_store::{GroupLogStore, LogStoreError, SharedLog};
 pub use types::{Command, GroupId, NodeId, TypeConfig};
