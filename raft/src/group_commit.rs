@@ -18,20 +18,22 @@
 //! on the groups, never unbounded memory).
 //!
 //! # Key layout, and why
-//! Measured on this machine kind (2 cores, ext4 on a virtual disk) with
-//! `CARGO_TARGET_DIR=/work/target-raft cargo run --release -p warren-raft
-//! --example group_commit_bench` — commits of 1,000 records of 256 bytes, the
-//! records spread round-robin over 1 or 1,000 groups, mean ms per commit:
+//! Measured on this machine kind (2 cores shared with other builds, ext4 on
+//! a virtual disk) with `CARGO_TARGET_DIR=/work/target-raft cargo run
+//! --release -p warren-raft --example group_commit_bench [value_bytes]`:
+//! 50 commits (after 20 warm-up commits) of 1,000 records each, the records
+//! spread round-robin over 1 or 1,000 groups; mean ms per commit, two runs
+//! with 256-byte records and one with 1 KiB records:
 //!
-//! | layout                                   | 1 group | 1,000 groups |
-//! |------------------------------------------|--------:|-------------:|
-//! | `entries[(group, index)]`                |    6.6  |        73.1  |
-//! | `entries[seq]` + `index[(group, index)]` |    5.7  |        30.1  |
-//! | `entries[seq]` + `directory[seq]`        |    9.0  |         7.4  |
+//! | layout                                   | 1 group (256 B) | 1,000 groups (256 B) | 1 group (1 KiB) | 1,000 groups (1 KiB) |
+//! |------------------------------------------|----------------:|---------------------:|----------------:|---------------------:|
+//! | `entries[(group, index)]`                |        4.3, 7.8 |           39.3, 38.8 |            17.2 |                 52.7 |
+//! | `entries[seq]` + `index[(group, index)]` |        4.3, 6.4 |           15.7, 20.5 |            12.9 |                 29.2 |
+//! | `entries[seq]` + `directory[seq]`        |        4.7, 6.2 |            4.6,  7.0 |            13.9 |                 13.2 |
 //!
-//! (the machine is shared with other builds, so single runs are noisy; the
-//! shape repeats: keys that scatter over groups dirty one B-tree leaf per
-//! group and cost 5-10x more per commit.)
+//! Keys that scatter over groups dirty one B-tree leaf per group and cost 3
+//! to 9 times more per commit; with sequential keys, 1,000 groups cost what
+//! one does. (Single runs are noisy on a shared machine; the shape repeats.)
 //!
 //! So the log is keyed by a node-wide append sequence number `seq`:
 //! - [`ENTRIES`]: `seq -> encoded entry`. Appends from all groups land on the

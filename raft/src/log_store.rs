@@ -547,6 +547,10 @@ impl GroupLogStore {
         self.group
     }
 
+    /// Reads run on the calling task: a redb read transaction never waits for
+    /// the writer, recent entries come from memory, and older ones are
+    /// usually in the page cache, so a hop to a blocking thread would cost
+    /// more than it saves.
     fn read(&self, start: u64, end: u64, max_bytes: usize) -> io::Result<Vec<Entry>> {
         let entries: Vec<Entry> = self
             .shared
