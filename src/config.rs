@@ -3,6 +3,7 @@
 //! `cli`).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -41,6 +42,16 @@ pub struct Config {
     pub users: Vec<User>,
     /// Whether `guest` may log in from addresses other than loopback.
     pub guest_remote: bool,
+    /// Address other nodes reach this one on. Without peers, a loopback
+    /// port the system picks (nobody dials a one-node cluster).
+    pub cluster_listen: Option<SocketAddr>,
+    /// Every node of the cluster, this one included: id -> "host:port".
+    /// Empty: a one-node cluster.
+    pub peers: BTreeMap<u16, String>,
+    /// Shared by every node of a cluster; a peer without it is refused.
+    pub cluster_secret: String,
+    /// A peer silent this long is taken for down, milliseconds.
+    pub failure_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -62,11 +73,38 @@ impl Default for Config {
                 password: "guest".into(),
             }],
             guest_remote: false,
+            cluster_listen: None,
+            peers: BTreeMap::new(),
+            cluster_secret: String::new(),
+            failure_timeout_ms: 1500,
         }
     }
 }
 
 impl Config {
+    /// The Raft engine's settings.
+    pub fn cluster_config(&self) -> warren_raft::ClusterConfig {
+        let listen = self
+            .cluster_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let mut peers: BTreeMap<u64, String> = self
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id as u64, addr.clone()))
+            .collect();
+        peers
+            .entry(self.node_id as u64)
+            .or_insert_with(|| listen.to_string());
+        warren_raft::ClusterConfig {
+            node_id: self.node_id as u64,
+            listen,
+            peers,
+            secret: self.cluster_secret.clone(),
+            data_dir: self.data_dir.join("raft"),
+            failure_timeout: std::time::Duration::from_millis(self.failure_timeout_ms),
+        }
+    }
+
     /// Reads a TOML file; unknown keys are an error so that a typo is not
     /// silently ignored.
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod amqp;
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod message;
 pub mod metrics;

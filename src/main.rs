@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
             init_logging(args.log_level.as_deref(), args.log_json);
             let config = args.to_config()?;
             rt.block_on(async move {
-                let node = warren::node::Node::new(config);
+                let node = warren::node::Node::start(config).await?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     shutdown_signal().await;

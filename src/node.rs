@@ -5,9 +5,19 @@
 //! Connections and queue runners talk through the node: a queue sends a
 //! delivery to `send_to_owner(owner, …)`, which finds the owning channel's
 //! connection. Nothing here blocks on a socket.
+//!
+//! Definitions are changed through the metadata Raft group: `apply_meta`
+//! proposes, and every node applies the committed command in
+//! `apply_meta_local`, which also starts and stops the queues the command
+//! concerns on this node (a proxy on every node for a replicated queue, its
+//! Raft group on the replicas, a runner on the home node of a node-local one).
 
 use crate::broker::error::BrokerError;
-use crate::broker::metadata::{ConnId, MetaCommand, MetaOutcome, Metadata, QueueDef};
+use crate::broker::metadata::{ConnId, MetaCommand, MetaOutcome, Metadata, Placement, QueueDef};
+use crate::cluster::meta_sm::{META_GROUP, MetaSm};
+use crate::cluster::proxy::PROPOSE_TIMEOUT;
+use crate::cluster::queue_sm::QueueSm;
+use crate::cluster::wire::{AppMsg, decode, encode};
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -19,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::{mpsc, watch};
+use warren_raft::RaftNode;
 
 /// Milliseconds since the Unix epoch: the time carried inside commands.
 pub fn now_ms() -> u64 {
@@ -50,6 +61,12 @@ pub enum ChannelEvent {
     DirectReply {
         msg: Message,
     },
+    /// A queue was deleted; sent to every channel of the node, which cancels
+    /// its consumers of that queue (consumer cancel notification).
+    QueueDeleted {
+        vhost: Arc<str>,
+        queue: Arc<str>,
+    },
 }
 
 /// Events for a connection, tagged with the channel they are for.
@@ -70,21 +87,65 @@ pub struct Node {
     /// Resident memory above which the alarm fires, bytes; changed at run
     /// time through the admin API.
     pub memory_limit: AtomicU64,
+    raft: Arc<RaftNode>,
+    /// The first id this run of the node hands out. Ids grow across runs
+    /// (they start from the clock), so an owner id below it belongs to an
+    /// earlier run and its channel is gone.
+    pub boot_floor: u64,
+    /// True once the metadata group has a leader and this node has cleaned
+    /// up after its previous run: the node then accepts clients.
+    pub ready: watch::Sender<bool>,
 }
 
 impl Node {
-    pub fn new(config: Config) -> Arc<Node> {
+    /// Starts the node's Raft engine and re-opens the metadata group (and,
+    /// through it, every queue this node holds a replica of).
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Node>> {
+        let raft = RaftNode::start(config.cluster_config())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot start the cluster engine: {e}"))?;
         let (alarm, _) = watch::channel(false);
-        Arc::new(Node {
+        let (ready, _) = watch::channel(false);
+        // 64 ids a millisecond on average before the next run could reuse
+        // one; 48 bits hold the product for thousands of years.
+        let boot_floor = now_ms().saturating_mul(64) & ((1 << 48) - 1);
+        let node = Arc::new(Node {
             metrics: Metrics::new(),
             meta: RwLock::new(Metadata::new()),
             queues: RwLock::new(HashMap::new()),
             owners: RwLock::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(boot_floor),
             alarm,
             memory_limit: AtomicU64::new(crate::server::memory_limit(&config)),
+            raft: raft.clone(),
+            boot_floor: ((config.node_id as u64) << 48) | boot_floor,
+            ready,
             config,
-        })
+        });
+        raft.set_app_handler(Arc::new(crate::cluster::Handler {
+            node: Arc::downgrade(&node),
+        }));
+        let members = raft.nodes().into_iter().collect();
+        raft.create_group(
+            META_GROUP,
+            members,
+            Box::new(MetaSm {
+                node: Arc::downgrade(&node),
+            }),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open the metadata group: {e}"))?;
+        tokio::spawn(crate::cluster::watch_peers(Arc::downgrade(&node)));
+        tokio::spawn(after_boot(node.clone()));
+        Ok(node)
+    }
+
+    pub fn raft(&self) -> &Arc<RaftNode> {
+        &self.raft
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id as u64
     }
 
     /// A new id for a connection or channel, unique in the cluster: the node
@@ -97,21 +158,118 @@ impl Node {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies a definition command and starts or stops the queue runners it
-    /// creates or deletes.
-    pub fn apply_meta(self: &Arc<Self>, cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
+    /// Proposes a definition command to the metadata group and returns its
+    /// outcome once committed (every node applies it).
+    pub async fn apply_meta(self: &Arc<Self>, mut cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
+        if let MetaCommand::DeclareQueue { def, .. } = &mut cmd {
+            def.placement = self.place(def);
+        }
+        let reply = self
+            .raft
+            .propose(META_GROUP, encode(&cmd), PROPOSE_TIMEOUT)
+            .await
+            .map_err(|e| BrokerError::internal(format!("cluster unavailable: {e}")))?;
+        decode::<Result<MetaOutcome, BrokerError>>(&reply)
+            .unwrap_or_else(|| Err(BrokerError::internal("undecodable metadata reply")))
+    }
+
+    /// Where a new queue goes. A replicated queue gets a fresh group id and
+    /// `x-quorum-initial-group-size` replicas (3 by default, at most the
+    /// cluster's size), starting at the node after the last queue's first
+    /// replica so that leaders spread over the nodes.
+    fn place(&self, def: &QueueDef) -> Placement {
+        if !def.is_replicated() {
+            return Placement {
+                group: None,
+                replicas: Vec::new(),
+                home: self.node_id(),
+            };
+        }
+        let nodes = self.raft.nodes();
+        let size = def
+            .arguments
+            .inner()
+            .get("x-quorum-initial-group-size")
+            .and_then(crate::message::value_int)
+            .filter(|&n| n > 0)
+            .map(|n| n as usize)
+            .unwrap_or(3)
+            .min(nodes.len());
+        let existing = {
+            let meta = self.meta();
+            meta.vhosts()
+                .map(|v| meta.queues(v).filter(|q| q.placement.group.is_some()).count())
+                .sum::<usize>()
+        };
+        let start = existing % nodes.len().max(1);
+        let replicas = (0..size).map(|i| nodes[(start + i) % nodes.len()]).collect();
+        Placement {
+            group: Some(rand::random::<u64>() | 1),
+            replicas,
+            home: self.node_id(),
+        }
+    }
+
+    /// Applies a committed definition command on this node and starts or
+    /// stops the queues it creates or deletes.
+    pub fn apply_meta_local(self: &Arc<Self>, cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
         let spawn = match &cmd {
             MetaCommand::DeclareQueue { vhost, def } => Some((vhost.clone(), def.clone())),
             _ => None,
         };
+        let mut removed: Vec<(String, String)> = Vec::new();
         let outcome = {
             let mut meta = self.meta.write().unwrap_or_else(|e| e.into_inner());
+            match &cmd {
+                MetaCommand::DeleteQueue { vhost, name } => {
+                    removed.push((vhost.clone(), name.clone()));
+                }
+                MetaCommand::ConnectionClosed { conn } => {
+                    removed.extend(meta.exclusive_queues_of(*conn));
+                }
+                _ => {}
+            }
             meta.apply(cmd)?
         };
         if let (Some((vhost, def)), true) = (spawn, outcome.created) {
             self.start_queue(&vhost, &def);
         }
+        if !outcome.deleted_queues.is_empty() {
+            for (vhost, name) in removed {
+                if outcome.deleted_queues.contains(&name) {
+                    self.stop_queue(&vhost, &name);
+                }
+            }
+        }
         Ok(outcome)
+    }
+
+    /// Replaces the definitions with a metadata snapshot: queues that are no
+    /// longer defined stop, new ones start.
+    pub fn restore_meta(self: &Arc<Self>, cmds: Vec<MetaCommand>) {
+        let mut fresh = Metadata::new();
+        for cmd in cmds {
+            let _ = fresh.apply(cmd);
+        }
+        let old = std::mem::replace(
+            &mut *self.meta.write().unwrap_or_else(|e| e.into_inner()),
+            fresh,
+        );
+        let meta = self.meta().clone();
+        for v in old.vhosts() {
+            for q in old.queues(v) {
+                if meta.queue(v, &q.name).map(|d| &d.placement) != Some(&q.placement) {
+                    self.stop_queue(v, &q.name);
+                }
+            }
+        }
+        for v in meta.vhosts() {
+            for q in meta.queues(v) {
+                if self.queue(v, &q.name).is_none() {
+                    self.start_queue(v, q);
+                }
+            }
+        }
     }
 
     fn start_queue(self: &Arc<Self>, vhost: &str, def: &QueueDef) {
@@ -122,19 +280,113 @@ impl Node {
             &def.arguments,
         )
         .unwrap_or_else(|_| QueueConfig::classic());
-        let handle = runner::spawn(
-            self.clone(),
-            Arc::from(vhost),
-            Arc::from(def.name.as_str()),
-            config,
-            def.auto_delete,
-        );
+        let handle = match def.placement.group {
+            Some(group) => {
+                let h = crate::cluster::proxy::spawn(
+                    self.clone(),
+                    Arc::from(vhost),
+                    Arc::from(def.name.as_str()),
+                    config,
+                    group,
+                );
+                if def.placement.replicas.contains(&self.node_id()) {
+                    let sm = QueueSm::new(
+                        self,
+                        h.vhost.clone(),
+                        h.name.clone(),
+                        h.config.clone(),
+                        h.stats.clone(),
+                    );
+                    let members = def.placement.replicas.iter().copied().collect();
+                    let raft = self.raft.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = raft.create_group(group, members, Box::new(sm)).await {
+                            tracing::error!(group, "cannot open a queue's Raft group: {e}");
+                        }
+                    });
+                }
+                h
+            }
+            // A node-local queue declared on another node: nothing runs here
+            // (publishes routed to it are forwarded to its home).
+            None if def.placement.home != 0 && def.placement.home != self.node_id() => return,
+            None => runner::spawn(
+                self.clone(),
+                Arc::from(vhost),
+                Arc::from(def.name.as_str()),
+                config,
+                def.auto_delete,
+            ),
+        };
         self.queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(vhost.to_owned())
             .or_default()
             .insert(handle.name.clone(), handle);
+    }
+
+    /// Where a node-local queue lives, when it is on another node.
+    pub fn remote_home(&self, vhost: &str, name: &str) -> Option<u64> {
+        let meta = self.meta();
+        let def = meta.queue(vhost, name)?;
+        (def.placement.group.is_none()
+            && def.placement.home != 0
+            && def.placement.home != self.node_id())
+        .then_some(def.placement.home)
+    }
+
+    /// Sends a publish to a node-local queue on another node.
+    pub fn forward_enqueue(&self, home: u64, vhost: &str, name: &str, msg: Message) {
+        self.raft.send(
+            home,
+            encode(&AppMsg::LocalEnqueue {
+                vhost: Arc::from(vhost),
+                queue: Arc::from(name),
+                msg,
+            }),
+        );
+    }
+
+    /// Hands a delivery to the consumer's channel, on this node or another.
+    /// False when the channel is on this node and gone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver(
+        &self,
+        owner: OwnerId,
+        vhost: &Arc<str>,
+        queue: &Arc<str>,
+        tag: Arc<str>,
+        id: MsgId,
+        msg: Message,
+        redelivered: bool,
+    ) -> bool {
+        let home = owner >> 48;
+        if home == self.node_id() {
+            return self.send_to_owner(
+                owner,
+                ChannelEvent::Deliver {
+                    queue: queue.clone(),
+                    tag,
+                    id,
+                    msg,
+                    redelivered,
+                },
+            );
+        }
+        self.raft.send(
+            home,
+            encode(&AppMsg::Deliver {
+                owner,
+                vhost: vhost.clone(),
+                queue: queue.clone(),
+                tag,
+                id,
+                msg,
+                redelivered,
+            }),
+        );
+        true
     }
 
     /// The runner of a queue, if it exists.
@@ -169,54 +421,66 @@ impl Node {
         self.apply_meta(MetaCommand::DeleteQueue {
             vhost: vhost.to_owned(),
             name: name.to_owned(),
-        })?;
-        self.stop_queue(vhost, name).await;
+        })
+        .await?;
         Ok(count)
     }
 
-    async fn stop_queue(&self, vhost: &str, name: &str) {
+    /// Stops a deleted queue on this node: its runner or proxy ends, its
+    /// Raft group is removed, and this node's consumers of it are told.
+    fn stop_queue(self: &Arc<Self>, vhost: &str, name: &str) {
         let handle = self
             .queues
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(vhost)
             .and_then(|m| m.remove(name));
-        if let Some(h) = handle {
-            let _ = h.send(Request::Stop).await;
+        let Some(h) = handle else { return };
+        let owners: Vec<(ConnEvents, u16)> = self
+            .owners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for (tx, ch) in owners {
+            let _ = tx.send((
+                ch,
+                ChannelEvent::QueueDeleted {
+                    vhost: h.vhost.clone(),
+                    queue: h.name.clone(),
+                },
+            ));
         }
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            let group = h.group;
+            let _ = h.send(Request::Stop).await;
+            if let Some(group) = group {
+                if raft.has_group(group) {
+                    raft.remove_group(group).await;
+                }
+            }
+        });
     }
 
     /// Deletes a queue from inside a runner (x-expires, auto-delete), where
     /// awaiting the runner itself would deadlock.
     pub fn delete_queue_later(self: &Arc<Self>, vhost: &str, name: &str) {
         let node = self.clone();
-        let (vhost, name) = (vhost.to_owned(), name.to_owned());
+        let cmd = MetaCommand::DeleteQueue {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+        };
         tokio::spawn(async move {
-            let removed = {
-                let mut meta = node.meta.write().unwrap_or_else(|e| e.into_inner());
-                meta.apply(MetaCommand::DeleteQueue {
-                    vhost: vhost.clone(),
-                    name: name.clone(),
-                })
-            };
-            if removed.is_ok() {
-                node.stop_queue(&vhost, &name).await;
-            }
+            let _ = node.apply_meta(cmd).await;
         });
     }
 
     /// A connection closed: its exclusive queues go with it.
-    /// `vhost` is the one the connection used: its exclusive queues can be
-    /// nowhere else.
-    pub async fn connection_closed(self: &Arc<Self>, conn: ConnId, vhost: &str) {
-        let outcome = {
-            let mut meta = self.meta.write().unwrap_or_else(|e| e.into_inner());
-            meta.apply(MetaCommand::ConnectionClosed { conn })
-        };
-        if let Ok(outcome) = outcome {
-            for name in &outcome.deleted_queues {
-                self.stop_queue(vhost, name).await;
-            }
+    pub async fn connection_closed(self: &Arc<Self>, conn: ConnId, _vhost: &str) {
+        if self.meta().has_exclusive_queues(conn) {
+            let _ = self.apply_meta(MetaCommand::ConnectionClosed { conn }).await;
         }
     }
 
@@ -305,6 +569,51 @@ impl Node {
             .users
             .iter()
             .any(|u| u.name == user && u.password == password)
+    }
+}
+
+/// What a node does once it is up: wait for the metadata group to have a
+/// leader, then clean up after its previous run. Node-local queues do not
+/// survive a restart (RabbitMQ's transient and exclusive queues do not
+/// either), and the replicated queues give back what this node's channels
+/// of the previous run held. Then the node is ready for clients.
+async fn after_boot(node: Arc<Node>) {
+    let mut waited = 0u64;
+    while node.raft.leader(META_GROUP).is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited += 50;
+        if waited % 5000 == 0 {
+            tracing::warn!("waiting for a majority of the cluster to elect a metadata leader");
+        }
+    }
+    let stale: Vec<(String, String)> = {
+        let meta = node.meta();
+        meta.vhosts()
+            .flat_map(|v| {
+                meta.queues(v)
+                    .filter(|q| q.placement.group.is_none() && q.placement.home == node.node_id())
+                    .map(|q| (v.to_owned(), q.name.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    for (vhost, name) in stale {
+        let cmd = MetaCommand::DeleteQueue { vhost, name };
+        if let Err(e) = node.apply_meta(cmd).await {
+            tracing::warn!("could not remove a node-local queue of the previous run: {e}");
+        }
+    }
+    node.ready.send_replace(true);
+    tracing::info!("node ready");
+    for h in node.all_queues() {
+        if h.group.is_some() {
+            let _ = h
+                .send(Request::NodeGone {
+                    node: node.node_id(),
+                    below: Some(node.boot_floor),
+                })
+                .await;
+        }
     }
 }
 

@@ -12,11 +12,6 @@ const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Runs the node until `shutdown` turns true.
 pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let amqp = TcpListener::bind(node.config.amqp_listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot listen for AMQP on {}: {e}", node.config.amqp_listen)
-        })?;
     let admin = TcpListener::bind(node.config.admin_listen)
         .await
         .map_err(|e| {
@@ -25,18 +20,6 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
                 node.config.admin_listen
             )
         })?;
-    std::fs::create_dir_all(&node.config.data_dir).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot create data dir {}: {e}",
-            node.config.data_dir.display()
-        )
-    })?;
-    tracing::info!(
-        amqp = %amqp.local_addr()?,
-        admin = %admin.local_addr()?,
-        node_id = node.config.node_id,
-        "Warren node started"
-    );
     tokio::spawn(memory_monitor(node.clone(), shutdown.clone()));
     let admin_node = node.clone();
     let mut admin_shutdown = shutdown.clone();
@@ -48,6 +31,25 @@ pub async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) -> anyhow
             })
             .await;
     });
+    // Clients are let in once the node has joined a majority and cleaned up
+    // after its previous run; until then the AMQP port is closed, so clients
+    // try another node or retry.
+    let mut ready = node.ready.subscribe();
+    tokio::select! {
+        _ = ready.wait_for(|r| *r) => {}
+        _ = shutdown.wait_for(|s| *s) => return Ok(()),
+    }
+    let amqp = TcpListener::bind(node.config.amqp_listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen for AMQP on {}: {e}", node.config.amqp_listen)
+        })?;
+    tracing::info!(
+        amqp = %amqp.local_addr()?,
+        admin = %node.config.admin_listen,
+        node_id = node.config.node_id,
+        "Warren node started"
+    );
     loop {
         tokio::select! {
             accepted = amqp.accept() => {

@@ -13,7 +13,9 @@ use std::sync::atomic::Ordering;
 
 pub fn router(node: Arc<Node>) -> Router {
     Router::new()
+        .route("/api/health", get(health))
         .route("/api/health/checks/alarms", get(alarms))
+        .route("/api/cluster", get(cluster))
         .route("/api/aliveness", get(alive))
         .route("/api/overview", get(overview))
         .route("/api/queues", get(queues))
@@ -24,6 +26,47 @@ pub fn router(node: Arc<Node>) -> Router {
 
 async fn alive() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
+}
+
+/// 200 once the node serves clients (it reached a majority and recovered).
+async fn health(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    if *node.ready.borrow() {
+        (StatusCode::OK, Json(json!({"status": "ok"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "reason": "waiting for a majority of the cluster"})),
+        )
+    }
+}
+
+/// This node's view of the cluster: which peers it reaches, and every Raft
+/// group it holds with its leader and term.
+async fn cluster(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let raft = node.raft();
+    let reachable: serde_json::Map<String, serde_json::Value> = raft
+        .reachable()
+        .into_iter()
+        .map(|(id, up)| (id.to_string(), json!(up)))
+        .collect();
+    let groups: Vec<_> = raft
+        .status()
+        .into_iter()
+        .map(|g| {
+            json!({
+                "group": g.group,
+                "leader": g.leader,
+                "term": g.term,
+                "last_applied": g.last_applied,
+                "members": g.members,
+            })
+        })
+        .collect();
+    Json(json!({
+        "node": node.node_id(),
+        "reachable": reachable,
+        "groups": groups,
+    }))
 }
 
 async fn alarms(State(node): State<Arc<Node>>) -> impl IntoResponse {
@@ -107,6 +150,8 @@ async fn queues(State(node): State<Arc<Node>>) -> impl IntoResponse {
                 "message_bytes_ready": s.ready_bytes.load(Ordering::Relaxed),
                 "consumers": s.consumers.load(Ordering::Relaxed),
                 "node": format!("warren@{}", node.config.node_id),
+                "leader": q.group.and_then(|g| node.raft().leader(g)),
+                "members": node.meta().queue(&q.vhost, &q.name).map(|d| d.placement.replicas.clone()).unwrap_or_default(),
             })
         })
         .collect();

@@ -407,7 +407,7 @@ impl Conn {
                             internal: d.internal,
                             arguments: d.arguments,
                         },
-                    })?;
+                    }).await?;
                 }
                 if !d.nowait {
                     ok!(self, ch, exchange, DeclareOk, exchange::DeclareOk {});
@@ -424,7 +424,7 @@ impl Conn {
                         vhost,
                         name,
                         if_unused: d.if_unused,
-                    })?;
+                    }).await?;
                 }
                 if !d.nowait {
                     ok!(self, ch, exchange, DeleteOk, exchange::DeleteOk {});
@@ -439,7 +439,7 @@ impl Conn {
                         &b.routing_key,
                         b.arguments,
                     ),
-                })?;
+                }).await?;
                 if !b.nowait {
                     ok!(self, ch, exchange, BindOk, exchange::BindOk {});
                 }
@@ -453,7 +453,7 @@ impl Conn {
                         &b.routing_key,
                         b.arguments,
                     ),
-                })?;
+                }).await?;
                 if !b.nowait {
                     ok!(self, ch, exchange, UnbindOk, exchange::UnbindOk {});
                 }
@@ -546,10 +546,11 @@ impl Conn {
                         name: name.clone(),
                         durable: d.durable,
                         exclusive_owner: d.exclusive.then_some(self.id),
+                        placement: Default::default(),
                         auto_delete: d.auto_delete,
                         arguments: d.arguments,
                     },
-                })?;
+                }).await?;
                 let h = self.queue_access(&name)?;
                 let _ = h
                     .send(Request::Apply(Command::Touch { now_ms: now_ms() }, None))
@@ -579,7 +580,7 @@ impl Conn {
                         &b.routing_key,
                         b.arguments,
                     ),
-                })?;
+                }).await?;
                 if !b.nowait {
                     ok!(self, ch, queue, BindOk, queue::BindOk {});
                 }
@@ -594,7 +595,7 @@ impl Conn {
                         &b.routing_key,
                         b.arguments,
                     ),
-                })?;
+                }).await?;
                 ok!(self, ch, queue, UnbindOk, queue::UnbindOk {});
             }
             queue::AMQPMethod::Purge(p) => {
@@ -1118,7 +1119,16 @@ impl Conn {
                     ))
                     .await
                     .is_ok(),
-                None => false,
+                // A node-local queue on another node: forwarded, and
+                // confirmed once handed over (the queue is not replicated).
+                None => match self.node.remote_home(&self.vhost, name) {
+                    Some(home) => {
+                        self.node
+                            .forward_enqueue(home, &self.vhost, name, msg.clone());
+                        false
+                    }
+                    None => false,
+                },
             };
             if !sent {
                 // The queue was deleted between routing and enqueue: as if
@@ -1267,6 +1277,34 @@ impl Conn {
             ChannelEvent::Confirm { seq, accepted } => {
                 if let Some(cf) = c.confirms.as_mut() {
                     cf.answer(seq, accepted);
+                }
+            }
+            ChannelEvent::QueueDeleted { vhost, queue } => {
+                if *vhost != *self.vhost {
+                    return;
+                }
+                let tags: Vec<Arc<str>> = c
+                    .consumers
+                    .iter()
+                    .filter(|(_, info)| info.queue == queue)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for tag in tags {
+                    if c.consumers.remove(&tag).is_some()
+                        && self.caps.consumer_cancel_notify
+                        && !c.closing
+                    {
+                        ok!(
+                            self,
+                            ch,
+                            basic,
+                            Cancel,
+                            basic::Cancel {
+                                consumer_tag: ShortString::from(&*tag),
+                                nowait: true
+                            }
+                        );
+                    }
                 }
             }
             ChannelEvent::ConsumerCancelled { tag } => {

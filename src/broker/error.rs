@@ -5,7 +5,7 @@ use thiserror::Error;
 
 /// A refused command: `code` is the AMQP reply code (404, 403, 405, 406, …)
 /// and `text` the reply text, worded as RabbitMQ words it.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 #[error("{code} {text}")]
 pub struct BrokerError {
     pub code: u16,
@@ -41,6 +41,13 @@ impl BrokerError {
         BrokerError {
             code: 503,
             text: format!("COMMAND_INVALID - {}", text.into()),
+        }
+    }
+    /// The cluster could not carry out the command (no majority in time).
+    pub fn internal(text: impl Into<String>) -> Self {
+        BrokerError {
+            code: 541,
+            text: format!("INTERNAL_ERROR - {}", text.into()),
         }
     }
     pub fn not_implemented(text: impl Into<String>) -> Self {

@@ -125,15 +125,38 @@ pub struct QueueDef {
     pub exclusive_owner: Option<ConnId>,
     pub auto_delete: bool,
     pub arguments: FieldTable,
+    /// Where the queue lives in the cluster; chosen by the node that
+    /// proposes the declare, kept from the first declare on redeclares.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Where a queue lives. A replicated (durable) queue is a Raft group on
+/// `replicas`, the first of which is asked to lead it first; a node-local
+/// queue (exclusive, auto-delete or non-durable) lives on `home`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The queue's Raft group; None for a node-local queue.
+    pub group: Option<u64>,
+    pub replicas: Vec<u64>,
+    /// The node a node-local queue lives on.
+    pub home: u64,
 }
 
 impl QueueDef {
+    /// Whether the queue is replicated with Raft: every durable queue that
+    /// is neither exclusive nor auto-delete.
+    pub fn is_replicated(&self) -> bool {
+        self.durable && self.exclusive_owner.is_none() && !self.auto_delete
+    }
+
     /// A durable, shared, non-auto-delete queue without arguments.
     pub fn new(name: impl Into<String>) -> Self {
         QueueDef {
             name: name.into(),
             durable: true,
             exclusive_owner: None,
+            placement: Default::default(),
             auto_delete: false,
             arguments: FieldTable::default(),
         }
@@ -453,6 +476,26 @@ impl Metadata {
 
     /// Commands that rebuild these definitions when applied, in order, to
     /// `Metadata::new()`: a snapshot for a node that joins the metadata group.
+    /// The exclusive queues of a connection, as (vhost, name).
+    pub fn exclusive_queues_of(&self, conn: ConnId) -> Vec<(String, String)> {
+        self.vhosts
+            .iter()
+            .flat_map(|(vn, v)| {
+                v.exclusive
+                    .get(&conn)
+                    .into_iter()
+                    .flatten()
+                    .map(move |q| (vn.clone(), q.clone()))
+            })
+            .collect()
+    }
+
+    pub fn has_exclusive_queues(&self, conn: ConnId) -> bool {
+        self.vhosts
+            .values()
+            .any(|v| v.exclusive.get(&conn).is_some_and(|s| !s.is_empty()))
+    }
+
     pub fn to_commands(&self) -> Vec<MetaCommand> {
         let mut cmds = Vec::new();
         for (name, v) in &self.vhosts {
@@ -1397,6 +1440,7 @@ mod tests {
         let mut m = Metadata::new();
         let mine = QueueDef {
             exclusive_owner: Some(1),
+            placement: Default::default(),
             ..QueueDef::new("ex-q")
         };
         declare_queue(&mut m, mine.clone()).unwrap();
@@ -1406,6 +1450,7 @@ mod tests {
         );
         let theirs = QueueDef {
             exclusive_owner: Some(2),
+            placement: Default::default(),
             ..QueueDef::new("ex-q")
         };
         let err = declare_queue(&mut m, theirs).unwrap_err();
@@ -1425,6 +1470,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(1),
+                placement: Default::default(),
                 ..QueueDef::new("ex-q")
             },
         )
@@ -1596,6 +1642,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(7),
+                placement: Default::default(),
                 ..QueueDef::new("amq.gen-1")
             },
         )
@@ -1604,6 +1651,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(7),
+                placement: Default::default(),
                 ..QueueDef::new("mine")
             },
         )
@@ -1612,6 +1660,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(8),
+                placement: Default::default(),
                 ..QueueDef::new("theirs")
             },
         )
@@ -1633,6 +1682,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(3),
+                placement: Default::default(),
                 ..QueueDef::new("e")
             },
         )
@@ -1672,6 +1722,7 @@ mod tests {
             &mut m,
             QueueDef {
                 exclusive_owner: Some(4),
+                placement: Default::default(),
                 ..QueueDef::new("amq.gen-x")
             },
         )
@@ -1835,6 +1886,7 @@ mod tests {
                     vhost,
                     def: QueueDef {
                         exclusive_owner: owner,
+                        placement: Default::default(),
                         ..QueueDef::new(QUEUES[q])
                     },
                 },

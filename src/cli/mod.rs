@@ -47,6 +47,18 @@ pub struct ServerArgs {
     /// This node's id [default: 1]
     #[arg(long, env = "WARREN_NODE_ID")]
     pub node_id: Option<u16>,
+    /// Address other nodes reach this one on (cluster traffic)
+    #[arg(long, env = "WARREN_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// Every node of the cluster, this one included: 1=host:port,2=host:port,...
+    #[arg(long, env = "WARREN_PEERS", value_parser = parse_peers)]
+    pub peers: Option<std::collections::BTreeMap<u16, String>>,
+    /// Secret shared by the cluster's nodes (required with --peers)
+    #[arg(long, env = "WARREN_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// A peer silent this long is taken for down, ms [default: 1500]
+    #[arg(long, env = "WARREN_FAILURE_TIMEOUT_MS")]
+    pub failure_timeout_ms: Option<u64>,
     /// Heartbeat proposed to clients, seconds; 0 disables [default: 60]
     #[arg(long, env = "WARREN_HEARTBEAT")]
     pub heartbeat: Option<u16>,
@@ -96,8 +108,27 @@ impl ServerArgs {
             channel_max,
             handshake_timeout_ms,
             max_message_size,
-            memory_high_watermark
+            memory_high_watermark,
+            peers,
+            cluster_secret,
+            failure_timeout_ms
         );
+        if self.cluster_listen.is_some() {
+            c.cluster_listen = self.cluster_listen;
+        }
+        if c.peers.len() > 1 && c.cluster_secret.is_empty() {
+            anyhow::bail!("a cluster needs --cluster-secret (or WARREN_CLUSTER_SECRET)");
+        }
+        if !c.peers.is_empty() && !c.peers.contains_key(&c.node_id) {
+            anyhow::bail!("--peers must list this node ({})", c.node_id);
+        }
+        if let Some(addr) = c.peers.get(&c.node_id) {
+            if c.cluster_listen.is_none() {
+                c.cluster_listen = Some(addr.parse().map_err(|e| {
+                    anyhow::anyhow!("this node's peer address {addr} is not an address: {e}")
+                })?);
+            }
+        }
         if self.memory_high_watermark_bytes.is_some() {
             c.memory_high_watermark_bytes = self.memory_high_watermark_bytes;
         }
@@ -131,4 +162,21 @@ pub fn init_logging(level: Option<&str>, json: bool) {
     } else {
         builder.init();
     }
+}
+
+/// Parses `1=host:port,2=host:port`.
+fn parse_peers(s: &str) -> Result<std::collections::BTreeMap<u16, String>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let (id, addr) = p
+                .split_once('=')
+                .ok_or_else(|| format!("'{p}' is not id=host:port"))?;
+            let id: u16 = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{id}' is not a node id"))?;
+            Ok((id, addr.trim().to_owned()))
+        })
+        .collect()
 }

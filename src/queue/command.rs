@@ -117,8 +117,9 @@ impl DeadLetterReason {
 }
 
 /// Something the queue's shell must do. Effects are produced in a
-/// deterministic order.
-#[derive(Clone, Debug, PartialEq)]
+/// deterministic order. Serialisable because a replicated queue's leader
+/// sends reply effects back to the node that proposed the command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Effect {
     /// Send `msg` to the consumer `(owner, tag)`.
     Deliver {
@@ -159,7 +160,7 @@ pub enum Effect {
 }
 
 /// Counts reported by `queue.declare-ok`, the admin API and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueCounts {
     /// Messages ready for delivery.
     pub ready: u64,

@@ -302,6 +302,41 @@ impl QueueState {
             .collect()
     }
 
+    /// Messages delivered to a consumer and not yet settled, as deliveries
+    /// that would be made again: a new leader of a replicated queue sends
+    /// these once more (with `redelivered`), because the old leader may have
+    /// died before its deliveries reached the consumers. `basic.get`
+    /// messages are not included (there is no consumer to send them to).
+    pub fn checked_out(&self) -> Vec<Effect> {
+        self.unacked
+            .iter()
+            .filter_map(|(&id, u)| {
+                let c = self.consumers.get(&u.consumer?)?;
+                Some(Effect::Deliver {
+                    owner: u.owner,
+                    tag: c.spec.tag.clone(),
+                    id,
+                    msg: u.stored.msg.clone(),
+                    redelivered: true,
+                    delivery_count: u.stored.delivery_count,
+                })
+            })
+            .collect()
+    }
+
+    /// Every owner that has a consumer or an unsettled message here.
+    pub fn owners(&self) -> Vec<OwnerId> {
+        let mut v: Vec<OwnerId> = self
+            .consumer_index
+            .keys()
+            .copied()
+            .chain(self.unacked.values().map(|u| u.owner))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     pub fn has_consumer(&self, owner: OwnerId, tag: &str) -> bool {
         self.find_consumer(owner, tag).is_some()
     }

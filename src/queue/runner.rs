@@ -40,6 +40,10 @@ pub enum Request {
     Counts(oneshot::Sender<QueueCounts>),
     /// The queue was deleted: cancel every consumer and stop.
     Stop,
+    /// Node `node` went down, or restarted (then `below` is the first owner
+    /// id of its new run): the owners it had are gone, so their consumers
+    /// are cancelled and their unsettled messages returned.
+    NodeGone { node: u64, below: Option<u64> },
 }
 
 /// Counts published by the runner after every batch, read by the admin API
@@ -62,9 +66,29 @@ pub struct QueueHandle {
     pub config: Arc<QueueConfig>,
     pub stats: Arc<QueueStats>,
     tx: mpsc::Sender<Request>,
+    /// The Raft group of a replicated queue; None for a node-local one.
+    pub group: Option<u64>,
 }
 
 impl QueueHandle {
+    pub fn new(
+        vhost: Arc<str>,
+        name: Arc<str>,
+        config: Arc<QueueConfig>,
+        stats: Arc<QueueStats>,
+        tx: mpsc::Sender<Request>,
+        group: Option<u64>,
+    ) -> QueueHandle {
+        QueueHandle {
+            vhost,
+            name,
+            config,
+            stats,
+            tx,
+            group,
+        }
+    }
+
     /// Sends a request, waiting for room in the inbox. Fails only when the
     /// queue has stopped (it was deleted meanwhile).
     pub async fn send(&self, r: Request) -> Result<(), ()> {
@@ -115,6 +139,7 @@ pub fn spawn(
         config: config.clone(),
         stats: Arc::new(QueueStats::default()),
         tx,
+        group: None,
     };
     let runner = Runner {
         node,
@@ -240,6 +265,16 @@ impl Runner {
                 false
             }
             Request::Stop => true,
+            Request::NodeGone { node, below } => {
+                let now = crate::node::now_ms();
+                for owner in owners_of(&self.state.owners(), node, below) {
+                    let effects = self.state.apply(Command::OwnerDown { owner, now_ms: now });
+                    if self.carry_out(effects, None) {
+                        return true;
+                    }
+                }
+                false
+            }
         }
     }
 
@@ -338,20 +373,8 @@ impl Runner {
         false
     }
 
-    /// Quorum queues tell a consumer how often a message was returned
-    /// before, in `x-delivery-count` (RabbitMQ 4.x), on redeliveries only so
-    /// that a first delivery's properties go out untouched.
     fn with_delivery_count(&self, msg: Message, count: u32) -> Message {
-        if !self.handle.config.quorum || count == 0 {
-            return msg;
-        }
-        let props = msg.properties();
-        let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(
-            ShortString::from("x-delivery-count"),
-            AMQPValue::LongLongInt(count as i64),
-        );
-        msg.with_properties(&props.with_headers(headers))
+        with_delivery_count(&self.handle.config, msg, count)
     }
 
     fn publish_stats(&self) {
@@ -406,4 +429,30 @@ impl Runner {
         }
         self.handle.stats.consumers.store(0, Ordering::Relaxed);
     }
+}
+
+/// Quorum queues tell a consumer how often a message was returned before, in
+/// `x-delivery-count` (RabbitMQ 4.x), on redeliveries only so that a first
+/// delivery's properties go out untouched.
+pub fn with_delivery_count(config: &QueueConfig, msg: Message, count: u32) -> Message {
+    if !config.quorum || count == 0 {
+        return msg;
+    }
+    let props = msg.properties();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from("x-delivery-count"),
+        AMQPValue::LongLongInt(count as i64),
+    );
+    msg.with_properties(&props.with_headers(headers))
+}
+
+/// The owners among `owners` that belong to `node` (its id is in the top 16
+/// bits), and, when `below` is given, to an earlier run of it.
+pub fn owners_of(owners: &[OwnerId], node: u64, below: Option<u64>) -> Vec<OwnerId> {
+    owners
+        .iter()
+        .copied()
+        .filter(|&o| o >> 48 == node && below.is_none_or(|f| o < f))
+        .collect()
 }

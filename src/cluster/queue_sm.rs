@@ -1,0 +1,322 @@
+//! A replicated queue's state machine: the single-node [`QueueState`]
+//! driven by committed Raft entries instead of a local inbox.
+//!
+//! Every replica applies every entry, so every replica holds the same
+//! queue. Only the leader carries out the effects that reach outside the
+//! queue (deliveries, dead-lettering, deleting an expired queue); the
+//! effects meant for the proposer (confirms, get replies, purge counts) go
+//! back in the entry's reply, which Raft hands to the node that proposed it.
+//!
+//! "The leader" here means: this node leads the group *and* the entry was
+//! proposed in its own term. Entries of an earlier term were the previous
+//! leader's to carry out; when a node starts applying entries of its own
+//! term it sends every unsettled delivery once more, marked redelivered,
+//! because the previous leader may have died before they left it.
+
+use super::wire::{OpReply, QueueOp, decode, encode};
+use crate::node::Node;
+use crate::queue::command::{Command, Effect, OwnerId};
+use crate::queue::config::QueueConfig;
+use crate::queue::fifo::QueueState;
+use crate::queue::runner::{QueueStats, Request, owners_of, with_delivery_count};
+use bytes::Bytes;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use tokio::sync::watch;
+
+pub struct QueueSm {
+    node: Weak<Node>,
+    vhost: Arc<str>,
+    name: Arc<str>,
+    config: Arc<QueueConfig>,
+    state: QueueState,
+    exclusive_consumer: Option<(OwnerId, Arc<str>)>,
+    stats: Arc<QueueStats>,
+    /// The next time a Tick is due, set only while leading.
+    deadline: watch::Sender<Option<u64>>,
+    /// Whether the last applied entry was applied as the leader.
+    leading: bool,
+}
+
+impl QueueSm {
+    pub fn new(
+        node: &Arc<Node>,
+        vhost: Arc<str>,
+        name: Arc<str>,
+        config: Arc<QueueConfig>,
+        stats: Arc<QueueStats>,
+    ) -> QueueSm {
+        let (deadline, rx) = watch::channel(None);
+        tokio::spawn(ticker(
+            Arc::downgrade(node),
+            vhost.clone(),
+            name.clone(),
+            rx,
+        ));
+        QueueSm {
+            node: Arc::downgrade(node),
+            state: QueueState::new((*config).clone(), 0),
+            vhost,
+            name,
+            config,
+            exclusive_consumer: None,
+            stats,
+            deadline,
+            leading: false,
+        }
+    }
+
+    fn apply_op(&mut self, op: QueueOp, node: Option<&Arc<Node>>) -> OpReply {
+        match op {
+            QueueOp::Cmd(cmd) => {
+                match &cmd {
+                    Command::Cancel { owner, tag, .. } => {
+                        if self
+                            .exclusive_consumer
+                            .as_ref()
+                            .is_some_and(|(o, t)| o == owner && t == tag)
+                        {
+                            self.exclusive_consumer = None;
+                        }
+                    }
+                    Command::OwnerDown { owner, .. } => {
+                        if self
+                            .exclusive_consumer
+                            .as_ref()
+                            .is_some_and(|(o, _)| o == owner)
+                        {
+                            self.exclusive_consumer = None;
+                        }
+                    }
+                    Command::Enqueue { .. } => {
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                let fx = self.state.apply(cmd);
+                OpReply::Effects(self.carry_out(fx, node))
+            }
+            QueueOp::Consume {
+                spec,
+                exclusive,
+                now_ms,
+            } => {
+                let consumers = self.state.counts().consumers;
+                if self.exclusive_consumer.is_some() || (exclusive && consumers > 0) {
+                    return OpReply::Consume(Err(format!(
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        self.name, self.vhost
+                    )));
+                }
+                if exclusive {
+                    self.exclusive_consumer = Some((spec.owner, spec.tag.clone()));
+                }
+                let fx = self.state.apply(Command::Consume { spec, now_ms });
+                self.carry_out(fx, node);
+                OpReply::Consume(Ok(()))
+            }
+            QueueOp::Counts => OpReply::Counts(self.state.counts()),
+            QueueOp::NodeGone { node: n, below, now_ms } => {
+                for owner in owners_of(&self.state.owners(), n, below) {
+                    let fx = self.state.apply(Command::OwnerDown { owner, now_ms });
+                    self.carry_out(fx, node);
+                }
+                OpReply::Effects(Vec::new())
+            }
+        }
+    }
+
+    /// Carries out the leader's effects (when `node` is given) and returns
+    /// the ones that answer the proposer.
+    fn carry_out(&mut self, fx: Vec<Effect>, node: Option<&Arc<Node>>) -> Vec<Effect> {
+        let mut replies = Vec::new();
+        for e in fx {
+            match e {
+                Effect::Deliver {
+                    owner,
+                    tag,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                } => {
+                    let Some(node) = node else { continue };
+                    self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    let msg = with_delivery_count(&self.config, msg, delivery_count);
+                    if !node.deliver(owner, &self.vhost, &self.name, tag, id, msg, redelivered) {
+                        // The channel is gone: its messages go back at once.
+                        owner_down_later(node, &self.vhost, &self.name, owner);
+                    }
+                }
+                Effect::DeadLetter { msg, reason } => {
+                    if let Some(node) = node {
+                        node.dead_letter(&self.vhost, &self.name, &self.config, msg, reason);
+                    }
+                }
+                Effect::Expired => {
+                    if let Some(node) = node {
+                        node.delete_queue_later(&self.vhost, &self.name);
+                    }
+                }
+                Effect::GetOk {
+                    owner,
+                    id,
+                    msg,
+                    redelivered,
+                    delivery_count,
+                    remaining,
+                } => replies.push(Effect::GetOk {
+                    owner,
+                    id,
+                    msg: with_delivery_count(&self.config, msg, delivery_count),
+                    redelivered,
+                    delivery_count,
+                    remaining,
+                }),
+                e @ (Effect::Confirm { .. } | Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
+                    replies.push(e)
+                }
+            }
+        }
+        replies
+    }
+
+    fn publish_stats(&self) {
+        let c = self.state.counts();
+        let s = &self.stats;
+        s.ready.store(c.ready, Ordering::Relaxed);
+        s.unacked.store(c.unacked, Ordering::Relaxed);
+        s.consumers.store(c.consumers, Ordering::Relaxed);
+        s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
+    }
+}
+
+impl warren_raft::StateMachine for QueueSm {
+    fn apply(&mut self, _index: u64, cmd: Bytes, leader: bool) -> Bytes {
+        let Some(ops) = decode::<Vec<QueueOp>>(&cmd) else {
+            tracing::warn!(queue = %self.name, "undecodable queue log entry skipped");
+            return encode(&Vec::<OpReply>::new());
+        };
+        let node = if leader { self.node.upgrade() } else { None };
+        if leader && !self.leading {
+            // First entry of this node's own term: everything before it has
+            // been applied, so the unsettled deliveries are all known.
+            if let Some(node) = &node {
+                let fx = self.state.checked_out();
+                self.carry_out(fx, Some(node));
+            }
+        }
+        self.leading = leader;
+        let replies: Vec<OpReply> = ops
+            .into_iter()
+            .map(|op| self.apply_op(op, node.as_ref()))
+            .collect();
+        self.publish_stats();
+        let next = if leader {
+            self.state.next_deadline()
+        } else {
+            None
+        };
+        self.deadline.send_if_modified(|d| {
+            let changed = *d != next;
+            *d = next;
+            changed
+        });
+        encode(&replies)
+    }
+
+    fn snapshot(&self) -> Bytes {
+        encode(&(&self.state, &self.exclusive_consumer))
+    }
+
+    fn restore(&mut self, snapshot: Bytes) {
+        match decode::<(QueueState, Option<(OwnerId, Arc<str>)>)>(&snapshot) {
+            Some((state, exclusive)) => {
+                self.state = state;
+                self.exclusive_consumer = exclusive;
+                self.publish_stats();
+            }
+            None => tracing::error!(queue = %self.name, "queue snapshot does not decode"),
+        }
+    }
+
+    fn leader_changed(&mut self, is_leader: bool) {
+        if !is_leader {
+            self.leading = false;
+            self.deadline.send_replace(None);
+            return;
+        }
+        // Commit something in the new term at once, so that the resend of
+        // unsettled deliveries (see `apply`) does not wait for the next
+        // client command.
+        if let Some(node) = self.node.upgrade() {
+            if let Some(h) = node.queue(&self.vhost, &self.name) {
+                tokio::spawn(async move {
+                    let _ = h.counts().await;
+                });
+            }
+        }
+    }
+}
+
+/// Proposes the return of a gone channel's messages, without waiting.
+pub fn owner_down_later(node: &Arc<Node>, vhost: &str, name: &str, owner: OwnerId) {
+    if let Some(h) = node.queue(vhost, name) {
+        let cmd = Command::OwnerDown {
+            owner,
+            now_ms: crate::node::now_ms(),
+        };
+        if let Err(req) = h.try_send(Request::Apply(cmd, None)) {
+            tokio::spawn(async move {
+                let _ = h.send(*req).await;
+            });
+        }
+    }
+}
+
+/// Proposes a Tick when the leader's next deadline (message TTL, queue
+/// expiry) comes. One per replica; it sleeps on a watch while the replica
+/// does not lead, so idle queues cost no timer.
+async fn ticker(
+    node: Weak<Node>,
+    vhost: Arc<str>,
+    name: Arc<str>,
+    mut rx: watch::Receiver<Option<u64>>,
+) {
+    loop {
+        let next = *rx.borrow_and_update();
+        let Some(at) = next else {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let wait = at.saturating_sub(crate::node::now_ms());
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() { return; }
+                continue;
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_millis(wait)) => {}
+        }
+        let Some(n) = node.upgrade() else { return };
+        let Some(h) = n.queue(&vhost, &name) else {
+            return;
+        };
+        drop(n);
+        let _ = h
+            .send(Request::Apply(
+                Command::Tick {
+                    now_ms: crate::node::now_ms(),
+                },
+                None,
+            ))
+            .await;
+        // The tick's apply moves the deadline; if it does not (clocks
+        // disagree), try again a little later rather than spin.
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return; },
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
+}
