@@ -45,6 +45,10 @@
 //! - [`GROUP_META`]: `(group, kind) -> bytes`: vote, committed log id, last
 //!   purged log id. Small and rarely written (a vote at elections, the
 //!   committed id opportunistically, the purged id on snapshots).
+//! - [`SNAPSHOTS`]: `group -> encoded snapshot` (metadata and the state
+//!   machine's bytes): each group's latest snapshot, written when a group
+//!   builds or installs one (every few thousand entries, not per entry), so
+//!   that the log below it can be purged and a restart begins from it.
 //!
 //! A truncation or purge deletes the affected `seq` keys; sequence numbers
 //! are never reused while any key refers to them (they only grow during a
@@ -71,6 +75,9 @@ pub(crate) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("en
 pub(crate) const DIRECTORY: TableDefinition<u64, (u64, u64)> = TableDefinition::new("directory");
 /// Per-group durable state other than entries, keyed by `(group, MetaKind)`.
 pub(crate) const GROUP_META: TableDefinition<(u64, u8), &[u8]> = TableDefinition::new("group_meta");
+
+/// Each group's latest snapshot, by group.
+pub(crate) const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 
 /// What a `GROUP_META` row holds. The discriminants are on disk: never
 /// renumber them.
@@ -113,6 +120,10 @@ pub(crate) enum Op {
     },
     /// Clear one of a group's durable values.
     DeleteMeta { group: u64, kind: MetaKind },
+    /// Replace the group's snapshot.
+    PutSnapshot { group: u64, bytes: Bytes },
+    /// Forget the group's snapshot (the group is removed).
+    DeleteSnapshot { group: u64 },
 }
 
 /// Called once with the outcome of the transaction that carried the request.
@@ -140,6 +151,7 @@ impl Request {
     fn weight(&self) -> (usize, usize) {
         self.ops.iter().fold((0, 0), |(n, b), op| match op {
             Op::Put { bytes, .. } => (n + 1, b + bytes.len()),
+            Op::PutSnapshot { bytes, .. } => (n, b + bytes.len()),
             _ => (n, b),
         })
     }
@@ -282,6 +294,7 @@ impl Writer {
             let mut entries = txn.open_table(ENTRIES)?;
             let mut directory = txn.open_table(DIRECTORY)?;
             let mut meta = txn.open_table(GROUP_META)?;
+            let mut snapshots = txn.open_table(SNAPSHOTS)?;
             for request in batch {
                 for op in &request.ops {
                     match op {
@@ -304,6 +317,12 @@ impl Writer {
                         }
                         Op::DeleteMeta { group, kind } => {
                             meta.remove((*group, *kind as u8))?;
+                        }
+                        Op::PutSnapshot { group, bytes } => {
+                            snapshots.insert(*group, bytes.as_ref())?;
+                        }
+                        Op::DeleteSnapshot { group } => {
+                            snapshots.remove(*group)?;
                         }
                     }
                 }

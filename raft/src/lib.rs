@@ -16,16 +16,37 @@
 //!   writes into one transaction and one fsync; the on-disk key layout and the
 //!   measurements behind it.
 //!
-//! Still to come (see the architecture document): the inter-node transport
-//! (`transport.rs`), the registry of groups (`registry.rs`) and the node-level
-//! failure detector (`failure_detector.rs`).
+//! - [`registry`]: [`RaftNode`], the node's registry of groups and the
+//!   broker's entry point: create and remove groups, propose, app messages.
+//! - [`state_machine`]: the [`StateMachine`] the broker implements, and the
+//!   adapter openraft drives (snapshots, their persistence).
+//! - `transport`: one authenticated TCP connection per pair of nodes,
+//!   carrying everything; `wire` is what travels on it.
+//! - `network`: openraft's network trait over the transport.
+//! - `failure_detector`: one heartbeat per peer, peers declared down or
+//!   restarted, so groups need no heartbeats of their own.
+//!
+//! openraft appears in `types`, `log_store`, `state_machine`, `network` and
+//! the group plumbing of `registry`; an upgrade should touch only those.
 
+mod failure_detector;
 pub mod group_commit;
 pub mod log_store;
+mod network;
+pub mod registry;
+pub mod state_machine;
+mod transport;
 pub mod types;
+mod wire;
 
 #[cfg(test)]
 mod tests;
 
+pub use failure_detector::PeerEvent;
 pub use log_store::{GroupLogStore, LogStoreError, SharedLog};
+pub use registry::{
+    AppHandler, ClusterConfig, DEFAULT_FAILURE_TIMEOUT, GroupStatus, NodeOptions, ProposeError,
+    RaftNode,
+};
+pub use state_machine::StateMachine;
 pub use types::{Command, GroupId, NodeId, TypeConfig};

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::group_commit::{
-    self, CommitObserver, DIRECTORY, Done, ENTRIES, GROUP_META, MetaKind, Op, Request,
+    self, CommitObserver, DIRECTORY, Done, ENTRIES, GROUP_META, MetaKind, Op, Request, SNAPSHOTS,
 };
 use crate::types::{Entry, GroupId, IoFlushed, LogId, LogState, TypeConfig, Vote};
 
@@ -173,6 +173,7 @@ impl SharedLog {
         txn.open_table(ENTRIES)?;
         txn.open_table(DIRECTORY)?;
         txn.open_table(GROUP_META)?;
+        txn.open_table(SNAPSHOTS)?;
         txn.commit()?;
 
         let state = load_state(&db)?;
@@ -209,6 +210,42 @@ impl SharedLog {
         let mut groups: Vec<GroupId> = state.groups.keys().copied().collect();
         groups.sort_unstable();
         Ok(groups)
+    }
+
+    /// Durably replaces `group`'s snapshot with `bytes` (the caller's
+    /// encoding of metadata and state). Returns once it is committed, so the
+    /// caller may then let the log below the snapshot be purged.
+    pub async fn save_snapshot(&self, group: GroupId, bytes: Bytes) -> io::Result<()> {
+        self.submit_durable(|_| Ok(vec![Op::PutSnapshot { group, bytes }]))
+            .await
+    }
+
+    /// The snapshot last saved for `group`, if any. Reads the database
+    /// directly; called when a group opens or a snapshot is sent, not per
+    /// entry.
+    pub fn load_snapshot(&self, group: GroupId) -> io::Result<Option<Bytes>> {
+        self.state.lock()?.check()?;
+        let read = self.db.begin_read().map_err(io_err)?;
+        let table = read.open_table(SNAPSHOTS).map_err(io_err)?;
+        Ok(table
+            .get(group)
+            .map_err(io_err)?
+            .map(|guard| Bytes::copy_from_slice(guard.value())))
+    }
+
+    /// Deletes everything `group` has on disk: entries, vote, committed and
+    /// purged ids, snapshot. The group must not be running.
+    pub async fn remove_group(&self, group: GroupId) -> io::Result<()> {
+        self.submit_durable(|state| {
+            let mut ops = SharedLog::truncate_after(group, None, state);
+            state.groups.remove(&group);
+            for kind in [MetaKind::Vote, MetaKind::Committed, MetaKind::Purged] {
+                ops.push(Op::DeleteMeta { group, kind });
+            }
+            ops.push(Op::DeleteSnapshot { group });
+            Ok(ops)
+        })
+        .await
     }
 
     /// Sends a test hook to the writer, queued behind the requests before it.

@@ -2,6 +2,7 @@
 //! Warren's own tests of what sharing one database between groups must not
 //! break (isolation between groups, recovery, atomic batches).
 
+mod cluster;
 mod conformance;
 mod mem_state_machine;
 mod shared_log;
