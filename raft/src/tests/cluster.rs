@@ -332,3 +332,37 @@ async fn a_late_replica_catches_up_from_a_snapshot() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_majority_times_out() {
+    let c = cluster(&["k"; 3], NodeOptions::default).await;
+    let members: BTreeSet<NodeId> = [1, 2, 3].into();
+    for node in &c.nodes {
+        let (sm, _) = appender();
+        node.create_group(4, members.clone(), sm).await.unwrap();
+    }
+    eventually("the group has a leader", LIMIT, || {
+        c.nodes[0].leader(4).is_some()
+    })
+    .await;
+    let leader = &c.nodes[c.nodes[0].leader(4).unwrap() as usize - 1];
+    leader
+        .propose(4, Bytes::from_static(b"ok"), LIMIT)
+        .await
+        .unwrap();
+    for n in &c.nodes {
+        if n.node_id() != leader.node_id() {
+            n.shutdown().await;
+        }
+    }
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        LIMIT,
+        leader.propose(4, Bytes::from_static(b"lost"), Duration::from_millis(800)),
+    )
+    .await
+    .unwrap();
+    assert!(result.is_err(), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    leader.shutdown().await;
+}
