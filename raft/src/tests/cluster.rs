@@ -290,3 +290,79 @@ async fn app_messages_and_calls_round_trip() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_replica_catches_up_from_a_snapshot() {
+    let small = || NodeOptions {
+        snapshot_every: 10,
+        keep_after_snapshot: 0,
+        listener: None,
+    };
+    let c = cluster(&["k"; 3], small).await;
+    let members: BTreeSet<NodeId> = [1, 2, 3].into();
+    for node in &c.nodes[..2] {
+        let (sm, _) = appender();
+        node.create_group(5, members.clone(), sm).await.unwrap();
+    }
+    for i in 0..50 {
+        c.nodes[1]
+            .propose(5, Bytes::from(format!("c{i}")), LIMIT)
+            .await
+            .unwrap();
+    }
+    let leader = c.nodes[0].leader(5).unwrap();
+    let g = c.nodes[leader as usize - 1].group(5).unwrap();
+    eventually("the leader purged its log", LIMIT, || {
+        let m = g.raft.metrics().borrow_watched().clone();
+        m.purged.is_some_and(|p| p.index() >= 40)
+    })
+    .await;
+
+    let (sm, applied) = appender();
+    c.nodes[2].create_group(5, members, sm).await.unwrap();
+    eventually("the late replica holds all 50 commands", LIMIT, || {
+        applied.lock().unwrap().len() == 50
+    })
+    .await;
+    let expected: Vec<Bytes> = (0..50).map(|i| Bytes::from(format!("c{i}"))).collect();
+    assert_eq!(*applied.lock().unwrap(), expected);
+    let late = c.nodes[2].group(5).unwrap();
+    assert!(late.raft.metrics().borrow_watched().snapshot.is_some());
+    for n in &c.nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_without_a_majority_times_out() {
+    let c = cluster(&["k"; 3], NodeOptions::default).await;
+    let members: BTreeSet<NodeId> = [1, 2, 3].into();
+    for node in &c.nodes {
+        let (sm, _) = appender();
+        node.create_group(4, members.clone(), sm).await.unwrap();
+    }
+    eventually("the group has a leader", LIMIT, || {
+        c.nodes[0].leader(4).is_some()
+    })
+    .await;
+    let leader = &c.nodes[c.nodes[0].leader(4).unwrap() as usize - 1];
+    leader
+        .propose(4, Bytes::from_static(b"ok"), LIMIT)
+        .await
+        .unwrap();
+    for n in &c.nodes {
+        if n.node_id() != leader.node_id() {
+            n.shutdown().await;
+        }
+    }
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        LIMIT,
+        leader.propose(4, Bytes::from_static(b"lost"), Duration::from_millis(800)),
+    )
+    .await
+    .unwrap();
+    assert!(result.is_err(), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    leader.shutdown().await;
+}
