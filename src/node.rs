@@ -95,6 +95,8 @@ pub struct Node {
     /// True once the metadata group has a leader and this node has cleaned
     /// up after its previous run: the node then accepts clients.
     pub ready: watch::Sender<bool>,
+    /// Index of the last metadata entry this node applied.
+    pub meta_applied: watch::Sender<u64>,
 }
 
 impl Node {
@@ -106,6 +108,7 @@ impl Node {
             .map_err(|e| anyhow::anyhow!("cannot start the cluster engine: {e}"))?;
         let (alarm, _) = watch::channel(false);
         let (ready, _) = watch::channel(false);
+        let (meta_applied, _) = watch::channel(0);
         // 64 ids a millisecond on average before the next run could reuse
         // one; 48 bits hold the product for thousands of years.
         let boot_floor = now_ms().saturating_mul(64) & ((1 << 48) - 1);
@@ -120,6 +123,7 @@ impl Node {
             raft: raft.clone(),
             boot_floor: ((config.node_id as u64) << 48) | boot_floor,
             ready,
+            meta_applied,
             config,
         });
         raft.set_app_handler(Arc::new(crate::cluster::Handler {
@@ -160,7 +164,10 @@ impl Node {
 
     /// Proposes a definition command to the metadata group and returns its
     /// outcome once committed (every node applies it).
-    pub async fn apply_meta(self: &Arc<Self>, mut cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
+    pub async fn apply_meta(
+        self: &Arc<Self>,
+        mut cmd: MetaCommand,
+    ) -> Result<MetaOutcome, BrokerError> {
         if let MetaCommand::DeclareQueue { def, .. } = &mut cmd {
             def.placement = self.place(def);
         }
@@ -169,8 +176,22 @@ impl Node {
             .propose(META_GROUP, encode(&cmd), PROPOSE_TIMEOUT)
             .await
             .map_err(|e| BrokerError::internal(format!("cluster unavailable: {e}")))?;
-        decode::<Result<MetaOutcome, BrokerError>>(&reply)
-            .unwrap_or_else(|| Err(BrokerError::internal("undecodable metadata reply")))
+        let Some((index, outcome)) = decode::<(u64, Result<MetaOutcome, BrokerError>)>(&reply)
+        else {
+            return Err(BrokerError::internal("undecodable metadata reply"));
+        };
+        // A follower learns that the entry is committed a moment after the
+        // leader; wait for it here (bounded) so this node's routing table
+        // already has what the client just changed.
+        let mut applied = self.meta_applied.subscribe();
+        let caught_up =
+            tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
+        if !matches!(caught_up, Ok(Ok(_))) {
+            return Err(BrokerError::internal(
+                "this node did not catch up with the cluster's metadata",
+            ));
+        }
+        outcome
     }
 
     /// Where a new queue goes. A replicated queue gets a fresh group id and
@@ -198,11 +219,17 @@ impl Node {
         let existing = {
             let meta = self.meta();
             meta.vhosts()
-                .map(|v| meta.queues(v).filter(|q| q.placement.group.is_some()).count())
+                .map(|v| {
+                    meta.queues(v)
+                        .filter(|q| q.placement.group.is_some())
+                        .count()
+                })
                 .sum::<usize>()
         };
         let start = existing % nodes.len().max(1);
-        let replicas = (0..size).map(|i| nodes[(start + i) % nodes.len()]).collect();
+        let replicas = (0..size)
+            .map(|i| nodes[(start + i) % nodes.len()])
+            .collect();
         Placement {
             group: Some(rand::random::<u64>() | 1),
             replicas,
@@ -212,7 +239,10 @@ impl Node {
 
     /// Applies a committed definition command on this node and starts or
     /// stops the queues it creates or deletes.
-    pub fn apply_meta_local(self: &Arc<Self>, cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
+    pub fn apply_meta_local(
+        self: &Arc<Self>,
+        cmd: MetaCommand,
+    ) -> Result<MetaOutcome, BrokerError> {
         let spawn = match &cmd {
             MetaCommand::DeclareQueue { vhost, def } => Some((vhost.clone(), def.clone())),
             _ => None,
@@ -480,7 +510,9 @@ impl Node {
     /// A connection closed: its exclusive queues go with it.
     pub async fn connection_closed(self: &Arc<Self>, conn: ConnId, _vhost: &str) {
         if self.meta().has_exclusive_queues(conn) {
-            let _ = self.apply_meta(MetaCommand::ConnectionClosed { conn }).await;
+            let _ = self
+                .apply_meta(MetaCommand::ConnectionClosed { conn })
+                .await;
         }
     }
 

@@ -58,7 +58,12 @@ fn props(id: u64) -> BasicProperties {
 /// Publishes ids `from..to` with confirms, `window` at a time; returns the
 /// ids the broker acked. Stops at the first failure (the caller decides
 /// what an error means).
-async fn publish_confirmed(ch: &Channel, queue: &str, ids: std::ops::Range<u64>, window: usize) -> Result<Vec<u64>, lapin::Error> {
+async fn publish_confirmed(
+    ch: &Channel,
+    queue: &str,
+    ids: std::ops::Range<u64>,
+    window: usize,
+) -> Result<Vec<u64>, lapin::Error> {
     let mut acked = Vec::new();
     let ids: Vec<u64> = ids.collect();
     for chunk in ids.chunks(window) {
@@ -94,7 +99,13 @@ struct Seen {
 
 /// Consumes from `queue` on `uri`, acking, until `want` ids are all seen or
 /// `within` passes; reconnects on failure.
-async fn consume_until(uris: Vec<String>, queue: String, want: BTreeSet<u64>, within: Duration, seen: Arc<Mutex<Seen>>) {
+async fn consume_until(
+    uris: Vec<String>,
+    queue: String,
+    want: BTreeSet<u64>,
+    within: Duration,
+    seen: Arc<Mutex<Seen>>,
+) {
     let deadline = Instant::now() + within;
     let mut attempt = 0usize;
     while Instant::now() < deadline {
@@ -109,7 +120,9 @@ async fn consume_until(uris: Vec<String>, queue: String, want: BTreeSet<u64>, wi
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok(ch) = conn.create_channel().await else { continue };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
         if ch.basic_qos(256, BasicQosOptions::default()).await.is_err() {
             continue;
         }
@@ -126,12 +139,16 @@ async fn consume_until(uris: Vec<String>, queue: String, want: BTreeSet<u64>, wi
             continue;
         };
         loop {
-            if want.iter().all(|id| seen.lock().unwrap().count.contains_key(id)) {
+            if want
+                .iter()
+                .all(|id| seen.lock().unwrap().count.contains_key(id))
+            {
                 let _ = conn.close(200, "done".into()).await;
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let next = tokio::time::timeout(left.min(Duration::from_secs(2)), consumer.next()).await;
+            let next =
+                tokio::time::timeout(left.min(Duration::from_secs(2)), consumer.next()).await;
             let d = match next {
                 Ok(Some(Ok(d))) => d,
                 Ok(_) => break,
@@ -165,8 +182,12 @@ async fn one_node_keeps_ten_thousand_confirmed_messages_through_kill_9() {
     let conn = connect(&c.uri(0)).await;
     let ch = conn.create_channel().await.unwrap();
     declare(&ch, "durable-q").await;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    let acked = publish_confirmed(&ch, "durable-q", 0..10_000, 256).await.expect("publishing");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let acked = publish_confirmed(&ch, "durable-q", 0..10_000, 256)
+        .await
+        .expect("publishing");
     assert_eq!(acked.len(), 10_000, "every publish confirmed");
     drop(ch);
     drop(conn);
@@ -177,11 +198,30 @@ async fn one_node_keeps_ten_thousand_confirmed_messages_through_kill_9() {
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let want: BTreeSet<u64> = acked.into_iter().collect();
-    consume_until(vec![c.uri(0)], "durable-q".into(), want.clone(), Duration::from_secs(60), seen.clone()).await;
+    consume_until(
+        vec![c.uri(0)],
+        "durable-q".into(),
+        want.clone(),
+        Duration::from_secs(60),
+        seen.clone(),
+    )
+    .await;
     let s = seen.lock().unwrap();
-    let missing: Vec<u64> = want.iter().filter(|id| !s.count.contains_key(id)).copied().collect();
-    assert!(missing.is_empty(), "{} confirmed messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    assert!(s.count.keys().all(|id| want.contains(id)), "nothing unexpected");
+    let missing: Vec<u64> = want
+        .iter()
+        .filter(|id| !s.count.contains_key(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        s.count.keys().all(|id| want.contains(id)),
+        "nothing unexpected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,7 +240,9 @@ async fn killing_the_leader_mid_stream_loses_no_confirmed_message() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let pub_conn = connect(&c.uri(p)).await;
     let pch = pub_conn.create_channel().await.unwrap();
-    pch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
 
     // Phase 1: 2,000 confirmed while a consumer on the third node drains.
     let mut confirmed: BTreeSet<u64> = publish_confirmed(&pch, "ha", 0..2_000, 128)
@@ -239,15 +281,41 @@ async fn killing_the_leader_mid_stream_loses_no_confirmed_message() {
         }
     }
     let resumed = resumed.expect("publishing resumed on the survivors");
-    assert!(resumed < Duration::from_secs(5), "publishing resumed after {resumed:?}");
+    assert!(
+        resumed < Duration::from_secs(5),
+        "publishing resumed after {resumed:?}"
+    );
 
     // Everything confirmed is delivered, on the consumer's node.
-    consume_until(vec![c.uri(q)], "ha".into(), confirmed.clone(), Duration::from_secs(60), seen.clone()).await;
+    consume_until(
+        vec![c.uri(q)],
+        "ha".into(),
+        confirmed.clone(),
+        Duration::from_secs(60),
+        seen.clone(),
+    )
+    .await;
     let s = seen.lock().unwrap();
-    let missing: Vec<u64> = confirmed.iter().filter(|id| !s.count.contains_key(id)).copied().collect();
-    assert!(missing.is_empty(), "{} confirmed messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
-    assert!(s.count.keys().all(|id| *id < next_id), "nothing that was never published");
-    assert!(s.unmarked_repeats.is_empty(), "repeats not marked redelivered: {:?}", &s.unmarked_repeats[..s.unmarked_repeats.len().min(10)]);
+    let missing: Vec<u64> = confirmed
+        .iter()
+        .filter(|id| !s.count.contains_key(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        s.count.keys().all(|id| *id < next_id),
+        "nothing that was never published"
+    );
+    assert!(
+        s.unmarked_repeats.is_empty(),
+        "repeats not marked redelivered: {:?}",
+        &s.unmarked_repeats[..s.unmarked_repeats.len().min(10)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,13 +323,17 @@ async fn a_simultaneous_restart_of_every_node_keeps_every_queue() {
     let mut c = Cluster::start(3);
     let conn = connect(&c.uri(0)).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let queues = ["sr-a", "sr-b", "sr-c"];
     let mut confirmed: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
     for (i, q) in queues.iter().enumerate() {
         declare(&ch, q).await;
         let base = i as u64 * 1_000;
-        let acked = publish_confirmed(&ch, q, base..base + 300, 100).await.expect("publishing");
+        let acked = publish_confirmed(&ch, q, base..base + 300, 100)
+            .await
+            .expect("publishing");
         assert_eq!(acked.len(), 300);
         confirmed.insert(q, acked.into_iter().collect());
     }
@@ -284,7 +356,14 @@ async fn a_simultaneous_restart_of_every_node_keeps_every_queue() {
     for (i, q) in queues.iter().enumerate() {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let want = confirmed[q].clone();
-        consume_until(vec![c.uri(i)], q.to_string(), want.clone(), Duration::from_secs(30), seen.clone()).await;
+        consume_until(
+            vec![c.uri(i)],
+            q.to_string(),
+            want.clone(),
+            Duration::from_secs(30),
+            seen.clone(),
+        )
+        .await;
         let s = seen.lock().unwrap();
         let missing = want.iter().filter(|id| !s.count.contains_key(id)).count();
         assert_eq!(missing, 0, "queue {q} lost {missing} confirmed messages");
@@ -309,9 +388,17 @@ async fn get_body(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
 async fn publish_to_exchange(uri: &str, exchange: &str, key: &str, body: &[u8]) {
     let conn = connect(uri).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let confirm = ch
-        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, props(0))
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props(0),
+        )
         .await
         .unwrap()
         .await
@@ -338,9 +425,15 @@ async fn bindings_made_on_one_node_route_on_another_before_and_after_a_restart()
         .await
         .unwrap();
         declare(&ch, "eu-orders").await;
-        ch.queue_bind("eu-orders".into(), "orders".into(), "eu.#".into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
+        ch.queue_bind(
+            "eu-orders".into(),
+            "orders".into(),
+            "eu.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
         let _ = conn.close(200, "bye".into()).await;
     }
     publish_to_exchange(&c.uri(1), "orders", "eu.fr.paris", b"first").await;
@@ -348,7 +441,10 @@ async fn bindings_made_on_one_node_route_on_another_before_and_after_a_restart()
     {
         let conn = connect(&c.uri(2)).await;
         let ch = conn.create_channel().await.unwrap();
-        assert_eq!(get_body(&ch, "eu-orders").await.as_deref(), Some(&b"first"[..]));
+        assert_eq!(
+            get_body(&ch, "eu-orders").await.as_deref(),
+            Some(&b"first"[..])
+        );
         let _ = conn.close(200, "bye".into()).await;
     }
 
@@ -362,5 +458,8 @@ async fn bindings_made_on_one_node_route_on_another_before_and_after_a_restart()
     publish_to_exchange(&c.uri(2), "orders", "eu.de", b"second").await;
     let conn = connect(&c.uri(1)).await;
     let ch = conn.create_channel().await.unwrap();
-    assert_eq!(get_body(&ch, "eu-orders").await.as_deref(), Some(&b"second"[..]));
+    assert_eq!(
+        get_body(&ch, "eu-orders").await.as_deref(),
+        Some(&b"second"[..])
+    );
 }

@@ -333,8 +333,9 @@ impl RaftNode {
         }
         let log = self.log()?;
         let opened_log = log.clone();
+        let me = self.me;
         let sm =
-            tokio::task::spawn_blocking(move || GroupStateMachine::open(group, sm, opened_log))
+            tokio::task::spawn_blocking(move || GroupStateMachine::open(group, me, sm, opened_log))
                 .await
                 .map_err(io::Error::other)??;
         let network = NetworkFactory {
@@ -678,7 +679,7 @@ impl RaftNode {
                 return;
             }
             tracing::debug!(group, ?failed, "starting election");
-            if let Err(e) = g.raft.trigger().elect(false).await {
+            if let Err(e) = g.raft.trigger().elect(true).await {
                 tracing::debug!(group, error = %e, "election not started");
             }
         });
@@ -766,7 +767,36 @@ impl Drop for RaftNode {
 /// Writes on this node, which believes it leads the group, waiting at most
 /// `timeout` for the entry to be committed and applied (a leader cut off
 /// from its quorum would otherwise wait forever).
+///
+/// openraft refuses writes on a leader whose lease ran out, and the lease
+/// is only renewed by followers' acknowledgements. With heartbeats off, an
+/// idle group's leader is in that state; so when a write is refused while
+/// this node still leads, one heartbeat round renews the lease (or shows
+/// that the majority is gone) and the write is tried again. An idle queue
+/// pays one round trip on its next write instead of heartbeats forever.
 async fn write_local(
+    raft: &Raft<GroupStateMachine>,
+    cmd: Bytes,
+    timeout: Duration,
+) -> ProposeOutcome {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let outcome = write_once(raft, cmd.clone(), remaining).await;
+        let leading = raft.metrics().borrow_watched().state == ServerState::Leader;
+        match outcome {
+            ProposeOutcome::NotLeader { leader: None } if leading && !remaining.is_zero() => {
+                let _ = raft.trigger().heartbeat().await;
+                tokio::time::sleep(pause.min(remaining)).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn write_once(
     raft: &Raft<GroupStateMachine>,
     cmd: Bytes,
     timeout: Duration,
@@ -775,11 +805,13 @@ async fn write_local(
         Err(_) => ProposeOutcome::Timeout,
         Ok(Ok(response)) => ProposeOutcome::Applied(response.data),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+            tracing::debug!(leader = ?f.leader_id, "client write refused: not the leader");
             ProposeOutcome::NotLeader {
                 leader: f.leader_id,
             }
         }
         Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
+            tracing::debug!(leader = ?f.leader_id, "client write discarded");
             ProposeOutcome::NotLeader {
                 leader: f.leader_id,
             }
@@ -801,21 +833,38 @@ async fn watch_leadership(raft: Raft<GroupStateMachine>, sm: GroupStateMachine) 
     }
 }
 
-/// Asks for votes in a group this node just opened as its first member,
-/// retrying a few times while the other members are still opening it.
+/// Asks for votes in a group this node just opened as its first member.
+/// Once only: if the other members have not opened the group yet, the
+/// leaderless sweep tries again (a retry here would raise the term under a
+/// vote that was about to succeed).
 async fn kick_election(raft: Raft<GroupStateMachine>) {
-    let mut wait = Duration::from_millis(50);
-    for _ in 0..6 {
-        if raft.metrics().borrow_watched().current_leader.is_some() {
-            return;
-        }
-        if raft.trigger().elect(false).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(wait).await;
-        wait *= 2;
+    if raft.metrics().borrow_watched().current_leader.is_none() {
+        let _ = raft.trigger().elect(true).await;
     }
 }
+
+/// Which voter may start an election in a leaderless group during the
+/// current sweep window: the voters this node can reach take turns, in an
+/// order that moves on every window. Nodes read the same wall clock, so
+/// they agree on whose turn it is and do not duel with rising terms.
+fn whose_turn(
+    group: GroupId,
+    reachable_voters: &[NodeId],
+    now: std::time::SystemTime,
+) -> Option<NodeId> {
+    if reachable_voters.is_empty() {
+        return None;
+    }
+    let window = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64 / SWEEP_WINDOW.as_millis() as u64)
+        .unwrap_or(0);
+    let i = (group.wrapping_add(window) % reachable_voters.len() as u64) as usize;
+    Some(reachable_voters[i])
+}
+
+/// Length of one turn in [`whose_turn`].
+const SWEEP_WINDOW: Duration = Duration::from_millis(1500);
 
 /// Every [`LEADERLESS_SWEEP`] (with jitter), starts an election in every
 /// group that has no leader, or whose leader the detector thinks is down.
@@ -835,10 +884,22 @@ async fn leaderless_sweep(node: Weak<RaftNode>, mut stopped: watch::Receiver<boo
                 Some(l) if l == node.me => false,
                 Some(l) => !lock(&node.liveness).is_up(l),
             };
-            if !orphaned || !g.voters().contains(&node.me) {
+            let voters = g.voters();
+            if !orphaned || !voters.contains(&node.me) {
                 continue;
             }
-            let delay = Duration::from_millis(rand::random_range(0..=300));
+            let reachable: Vec<NodeId> = {
+                let liveness = lock(&node.liveness);
+                voters
+                    .iter()
+                    .copied()
+                    .filter(|v| *v == node.me || liveness.is_up(*v))
+                    .collect()
+            };
+            if whose_turn(id, &reachable, std::time::SystemTime::now()) != Some(node.me) {
+                continue;
+            }
+            let delay = Duration::from_millis(rand::random_range(0..=100));
             node.elect_later(id, g, delay, leader);
         }
     }
@@ -853,10 +914,18 @@ fn raft_config(options: &NodeOptions) -> io::Result<openraft::Config> {
         enable_tick: false,
         enable_heartbeat: false,
         enable_elect: false,
+        // With heartbeats off, `heartbeat_interval` is only the timeout of
+        // an append-entries RPC (openraft uses it so). A timed-out append is
+        // retried only on the next write, so it must be long enough for a
+        // follower's fsync on a loaded machine.
+        heartbeat_interval: 1000,
+        heartbeat_min_interval: Some(0),
         // Still used as the followers' leader lease: a vote request within
-        // this long of hearing from a live leader is refused.
-        election_timeout_min: 150,
-        election_timeout_max: 300,
+        // `election_timeout_max` of hearing from a live leader is refused.
+        // Kept below the failure detector's default timeout, so that when a
+        // leader is declared down its lease has run out.
+        election_timeout_min: 1100,
+        election_timeout_max: 1200,
         install_snapshot_timeout: 10_000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: options.keep_after_snapshot,

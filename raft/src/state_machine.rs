@@ -25,13 +25,16 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
 use crate::log_store::SharedLog;
-use crate::types::{GroupId, LogId, TypeConfig};
+use crate::types::{GroupId, LogId, NodeId, TypeConfig};
 
 /// What a group's state machine is: the application's logic for one queue,
 /// or for the cluster's metadata.
 pub trait StateMachine: Send + 'static {
-    /// Applies a committed command. `leader` is true when this node believes
-    /// it leads the group. Returns the reply handed to the proposer.
+    /// Applies a committed command. `leader` is true when this node leads
+    /// the group and the entry was proposed in its current term: entries of
+    /// earlier terms were the previous leader's to act on. (It may still be
+    /// true on a node that has just lost leadership without knowing it.)
+    /// Returns the reply handed to the proposer.
     fn apply(&mut self, index: u64, cmd: Bytes, leader: bool) -> Bytes;
     /// Serialises the whole state (called for snapshots).
     fn snapshot(&self) -> Bytes;
@@ -65,6 +68,12 @@ struct Applied {
 
 struct Shared {
     group: GroupId,
+    /// This node's id.
+    me: NodeId,
+    /// The term of the last blank entry this node appended as leader: the
+    /// term it leads in. Entries of this node from an older term are not
+    /// its current leadership's.
+    own_term: std::sync::atomic::AtomicU64,
     applied: Mutex<Applied>,
     /// Whether this node leads the group, kept by the group's leadership
     /// watcher and read on every apply.
@@ -99,6 +108,7 @@ impl GroupStateMachine {
     /// Blocking (reads the database): call before the group starts.
     pub(crate) fn open(
         group: GroupId,
+        me: NodeId,
         mut sm: Box<dyn StateMachine>,
         log: Arc<SharedLog>,
     ) -> io::Result<GroupStateMachine> {
@@ -126,6 +136,8 @@ impl GroupStateMachine {
         Ok(GroupStateMachine {
             shared: Arc::new(Shared {
                 group,
+                me,
+                own_term: std::sync::atomic::AtomicU64::new(0),
                 applied: Mutex::new(applied),
                 is_leader: AtomicBool::new(false),
                 log,
@@ -203,7 +215,16 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             let log_id = entry.log_id();
             // An entry with a responder was proposed through this node while
             // it led the group.
-            let leader = responder.is_some() || self.shared.is_leader.load(Ordering::Acquire);
+            let by_me = log_id.leader_id.node_id == self.shared.me;
+            if by_me && matches!(entry.payload, EntryPayload::Blank) {
+                // A new leader's first entry opens its term.
+                self.shared
+                    .own_term
+                    .fetch_max(log_id.leader_id.term, Ordering::AcqRel);
+            }
+            let leader = by_me
+                && log_id.leader_id.term == self.shared.own_term.load(Ordering::Acquire)
+                && (responder.is_some() || self.shared.is_leader.load(Ordering::Acquire));
             let reply = {
                 let mut applied = lock(&self.shared.applied);
                 debug_assert!(applied.last_applied.as_ref() < Some(&log_id));

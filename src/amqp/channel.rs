@@ -332,7 +332,7 @@ impl Conn {
         match m {
             AMQPClass::Basic(b) => self.basic_method(ch, c, b).await?,
             AMQPClass::Queue(q) => self.queue_method(ch, q).await?,
-            AMQPClass::Exchange(e) => self.exchange_method(ch, e)?,
+            AMQPClass::Exchange(e) => self.exchange_method(ch, e).await?,
             AMQPClass::Channel(chan::AMQPMethod::Close(_)) => {
                 self.release_channel(c).await;
                 ok!(self, ch, chan, CloseOk, chan::CloseOk {});
@@ -383,7 +383,7 @@ impl Conn {
 
     // ----- exchanges -------------------------------------------------------
 
-    fn exchange_method(&mut self, ch: u16, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
+    async fn exchange_method(&mut self, ch: u16, m: exchange::AMQPMethod) -> Result<(), AmqpError> {
         let vhost = self.vhost.clone();
         match m {
             exchange::AMQPMethod::Declare(d) => {
@@ -397,17 +397,19 @@ impl Conn {
                 if d.passive {
                     self.node.meta().check_exchange_passive(&vhost, name)?;
                 } else {
-                    self.node.apply_meta(MetaCommand::DeclareExchange {
-                        vhost,
-                        def: ExchangeDef {
-                            name: name.to_owned(),
-                            kind,
-                            durable: d.durable,
-                            auto_delete: d.auto_delete,
-                            internal: d.internal,
-                            arguments: d.arguments,
-                        },
-                    }).await?;
+                    self.node
+                        .apply_meta(MetaCommand::DeclareExchange {
+                            vhost,
+                            def: ExchangeDef {
+                                name: name.to_owned(),
+                                kind,
+                                durable: d.durable,
+                                auto_delete: d.auto_delete,
+                                internal: d.internal,
+                                arguments: d.arguments,
+                            },
+                        })
+                        .await?;
                 }
                 if !d.nowait {
                     ok!(self, ch, exchange, DeclareOk, exchange::DeclareOk {});
@@ -420,40 +422,46 @@ impl Conn {
                     || name.is_empty()
                     || name.starts_with("amq.")
                 {
-                    self.node.apply_meta(MetaCommand::DeleteExchange {
-                        vhost,
-                        name,
-                        if_unused: d.if_unused,
-                    }).await?;
+                    self.node
+                        .apply_meta(MetaCommand::DeleteExchange {
+                            vhost,
+                            name,
+                            if_unused: d.if_unused,
+                        })
+                        .await?;
                 }
                 if !d.nowait {
                     ok!(self, ch, exchange, DeleteOk, exchange::DeleteOk {});
                 }
             }
             exchange::AMQPMethod::Bind(b) => {
-                self.node.apply_meta(MetaCommand::Bind {
-                    vhost,
-                    binding: binding(
-                        &b.source,
-                        Destination::Exchange(b.destination.to_string()),
-                        &b.routing_key,
-                        b.arguments,
-                    ),
-                }).await?;
+                self.node
+                    .apply_meta(MetaCommand::Bind {
+                        vhost,
+                        binding: binding(
+                            &b.source,
+                            Destination::Exchange(b.destination.to_string()),
+                            &b.routing_key,
+                            b.arguments,
+                        ),
+                    })
+                    .await?;
                 if !b.nowait {
                     ok!(self, ch, exchange, BindOk, exchange::BindOk {});
                 }
             }
             exchange::AMQPMethod::Unbind(b) => {
-                self.node.apply_meta(MetaCommand::Unbind {
-                    vhost,
-                    binding: binding(
-                        &b.source,
-                        Destination::Exchange(b.destination.to_string()),
-                        &b.routing_key,
-                        b.arguments,
-                    ),
-                }).await?;
+                self.node
+                    .apply_meta(MetaCommand::Unbind {
+                        vhost,
+                        binding: binding(
+                            &b.source,
+                            Destination::Exchange(b.destination.to_string()),
+                            &b.routing_key,
+                            b.arguments,
+                        ),
+                    })
+                    .await?;
                 if !b.nowait {
                     ok!(self, ch, exchange, UnbindOk, exchange::UnbindOk {});
                 }
@@ -540,17 +548,19 @@ impl Conn {
                             format!("{e} (queue '{name}' in vhost '{vhost}')"),
                         )
                     })?;
-                self.node.apply_meta(MetaCommand::DeclareQueue {
-                    vhost: vhost.clone(),
-                    def: QueueDef {
-                        name: name.clone(),
-                        durable: d.durable,
-                        exclusive_owner: d.exclusive.then_some(self.id),
-                        placement: Default::default(),
-                        auto_delete: d.auto_delete,
-                        arguments: d.arguments,
-                    },
-                }).await?;
+                self.node
+                    .apply_meta(MetaCommand::DeclareQueue {
+                        vhost: vhost.clone(),
+                        def: QueueDef {
+                            name: name.clone(),
+                            durable: d.durable,
+                            exclusive_owner: d.exclusive.then_some(self.id),
+                            placement: Default::default(),
+                            auto_delete: d.auto_delete,
+                            arguments: d.arguments,
+                        },
+                    })
+                    .await?;
                 let h = self.queue_access(&name)?;
                 let _ = h
                     .send(Request::Apply(Command::Touch { now_ms: now_ms() }, None))
@@ -572,30 +582,34 @@ impl Conn {
             }
             queue::AMQPMethod::Bind(b) => {
                 self.queue_access(b.queue.as_str())?;
-                self.node.apply_meta(MetaCommand::Bind {
-                    vhost,
-                    binding: binding(
-                        &b.exchange,
-                        Destination::Queue(b.queue.to_string()),
-                        &b.routing_key,
-                        b.arguments,
-                    ),
-                }).await?;
+                self.node
+                    .apply_meta(MetaCommand::Bind {
+                        vhost,
+                        binding: binding(
+                            &b.exchange,
+                            Destination::Queue(b.queue.to_string()),
+                            &b.routing_key,
+                            b.arguments,
+                        ),
+                    })
+                    .await?;
                 if !b.nowait {
                     ok!(self, ch, queue, BindOk, queue::BindOk {});
                 }
             }
             queue::AMQPMethod::Unbind(b) => {
                 self.queue_access(b.queue.as_str())?;
-                self.node.apply_meta(MetaCommand::Unbind {
-                    vhost,
-                    binding: binding(
-                        &b.exchange,
-                        Destination::Queue(b.queue.to_string()),
-                        &b.routing_key,
-                        b.arguments,
-                    ),
-                }).await?;
+                self.node
+                    .apply_meta(MetaCommand::Unbind {
+                        vhost,
+                        binding: binding(
+                            &b.exchange,
+                            Destination::Queue(b.queue.to_string()),
+                            &b.routing_key,
+                            b.arguments,
+                        ),
+                    })
+                    .await?;
                 ok!(self, ch, queue, UnbindOk, queue::UnbindOk {});
             }
             queue::AMQPMethod::Purge(p) => {

@@ -151,7 +151,7 @@ pub fn init_logging(level: Option<&str>, json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .ok()
         .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new("info,openraft=warn"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -3,7 +3,8 @@
 //! queue's placement) into its own routing table, and starts or stops the
 //! queues the change concerns on this node.
 //!
-//! The reply to the proposer is the outcome of [`Metadata::apply`], or the
+//! The reply to the proposer is the entry's index and the outcome of
+//! [`Metadata::apply`], or the
 //! AMQP error that refused the command, so a client declaring on any node
 //! gets the same answers as on a single node.
 //!
@@ -24,16 +25,23 @@ pub struct MetaSm {
 }
 
 impl warren_raft::StateMachine for MetaSm {
-    fn apply(&mut self, _index: u64, cmd: Bytes, _leader: bool) -> Bytes {
-        let result: Result<MetaOutcome, BrokerError> = match (decode::<MetaCommand>(&cmd), self.node.upgrade()) {
-            (Some(cmd), Some(node)) => node.apply_meta_local(cmd),
-            (None, _) => {
-                tracing::warn!("undecodable metadata log entry skipped");
-                Err(BrokerError::internal("undecodable metadata command"))
-            }
-            (_, None) => Err(BrokerError::internal("node is stopping")),
-        };
-        encode(&result)
+    fn apply(&mut self, index: u64, cmd: Bytes, _leader: bool) -> Bytes {
+        let result: Result<MetaOutcome, BrokerError> =
+            match (decode::<MetaCommand>(&cmd), self.node.upgrade()) {
+                (Some(cmd), Some(node)) => node.apply_meta_local(cmd),
+                (None, _) => {
+                    tracing::warn!("undecodable metadata log entry skipped");
+                    Err(BrokerError::internal("undecodable metadata command"))
+                }
+                (_, None) => Err(BrokerError::internal("node is stopping")),
+            };
+        if let Some(node) = self.node.upgrade() {
+            node.meta_applied.send_replace(index);
+        }
+        // The index goes back with the outcome: the proposer waits until its
+        // own node has applied the command too, so that what the client
+        // declared is there when its next command arrives.
+        encode(&(index, result))
     }
 
     fn snapshot(&self) -> Bytes {

@@ -23,7 +23,7 @@ use crate::queue::runner::Request;
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use warren_raft::{AppHandler, NodeId, PeerEvent};
 use wire::{AppMsg, decode};
 

@@ -116,7 +116,11 @@ impl QueueSm {
                 OpReply::Consume(Ok(()))
             }
             QueueOp::Counts => OpReply::Counts(self.state.counts()),
-            QueueOp::NodeGone { node: n, below, now_ms } => {
+            QueueOp::NodeGone {
+                node: n,
+                below,
+                now_ms,
+            } => {
                 for owner in owners_of(&self.state.owners(), n, below) {
                     let fx = self.state.apply(Command::OwnerDown { owner, now_ms });
                     self.carry_out(fx, node);

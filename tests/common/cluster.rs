@@ -81,7 +81,7 @@ impl Cluster {
             .args(["--data-dir", s.data.to_str().unwrap()])
             .args(["--peers", &self.peers()])
             .env("WARREN_CLUSTER_SECRET", SECRET)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -100,7 +100,9 @@ impl Cluster {
     pub fn wait_ready(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.http(i, "GET", "/api/health").0 == 200 && TcpStream::connect(self.specs[i].amqp).is_ok() {
+            if self.http(i, "GET", "/api/health").0 == 200
+                && TcpStream::connect(self.specs[i].amqp).is_ok()
+            {
                 return;
             }
             if let Some(Ok(Some(status))) = self.procs[i].as_mut().map(|c| c.try_wait()) {
@@ -183,9 +185,7 @@ impl Cluster {
                 .map(|i| self.queue_leader(i, queue))
                 .collect();
             if let Some(Some(first)) = seen.first() {
-                if seen.iter().all(|l| *l == Some(*first))
-                    && self.is_up(*first as usize - 1)
-                {
+                if seen.iter().all(|l| *l == Some(*first)) && self.is_up(*first as usize - 1) {
                     return *first;
                 }
             }

@@ -53,7 +53,7 @@ impl Server {
             .args(["--data-dir", dir.path().to_str().unwrap()])
             .args(extra)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
