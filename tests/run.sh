@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Warren's test command: everything CI runs, from a fresh checkout.
-#   1. unit and property tests (codec fuzzing, state machines, routing)
-#   2. integration tests against real `warren server` processes (lapin)
+#   1. unit and property tests (codec fuzzing, state machines, routing) and
+#      the raft crate's tests (openraft's storage suite, in-process clusters)
+#   2. integration tests against real `warren server` processes (lapin),
+#      including 1- and 3-node clusters killed with SIGKILL and restarted
 #   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates
 # Extra arguments are passed to pytest.
 set -euo pipefail
@@ -11,5 +13,5 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 # Property tests (including the frame decoder fuzzing) run a fixed number of
 # cases; PROPTEST_CASES raises it for a longer local run.
 cargo build --locked --bins
-cargo test --locked -- --test-threads=2
+cargo test --locked --workspace -- --test-threads=2
 WARREN_BIN="$PWD/target/debug/warren" tests/python/run.sh "$@"

@@ -17,7 +17,7 @@
 //!   index)`. Both tables are written sequentially; the per-group index lives in
 //!   memory and is rebuilt from `directory` when the database is opened.
 //!
-//! Run: `CARGO_TARGET_DIR=/work/target-raft cargo run --release -p warren-raft
+//! Run: `cargo run --release -p warren-raft
 //! --example group_commit_bench` (optional args: value size in bytes, commits).
 
 use std::time::Instant;

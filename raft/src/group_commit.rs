@@ -19,7 +19,7 @@
 //!
 //! # Key layout, and why
 //! Measured on this machine kind (2 cores shared with other builds, ext4 on
-//! a virtual disk) with `CARGO_TARGET_DIR=/work/target-raft cargo run
+//! a virtual disk) with `cargo run
 //! --release -p warren-raft --example group_commit_bench [value_bytes]`:
 //! 50 commits (after 20 warm-up commits) of 1,000 records each, the records
 //! spread round-robin over 1 or 1,000 groups; mean ms per commit, two runs

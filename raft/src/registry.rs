@@ -372,7 +372,8 @@ impl RaftNode {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, entry);
-        if members.first() == Some(&self.me) {
+        // A one-member group elects itself when it is initialised.
+        if members.len() > 1 && members.first() == Some(&self.me) {
             tokio::spawn(kick_election(raft));
         }
         tracing::debug!(group, ?members, "group opened");

@@ -69,29 +69,23 @@ impl QueueSm {
     fn apply_op(&mut self, op: QueueOp, node: Option<&Arc<Node>>) -> OpReply {
         match op {
             QueueOp::Cmd(cmd) => {
-                match &cmd {
-                    Command::Cancel { owner, tag, .. } => {
-                        if self
-                            .exclusive_consumer
-                            .as_ref()
-                            .is_some_and(|(o, t)| o == owner && t == tag)
-                        {
-                            self.exclusive_consumer = None;
-                        }
-                    }
-                    Command::OwnerDown { owner, .. } => {
-                        if self
-                            .exclusive_consumer
-                            .as_ref()
-                            .is_some_and(|(o, _)| o == owner)
-                        {
-                            self.exclusive_consumer = None;
-                        }
-                    }
+                let gone = match &cmd {
+                    Command::Cancel { owner, tag, .. } => self
+                        .exclusive_consumer
+                        .as_ref()
+                        .is_some_and(|(o, t)| o == owner && t == tag),
+                    Command::OwnerDown { owner, .. } => self
+                        .exclusive_consumer
+                        .as_ref()
+                        .is_some_and(|(o, _)| o == owner),
                     Command::Enqueue { .. } => {
                         self.stats.published.fetch_add(1, Ordering::Relaxed);
+                        false
                     }
-                    _ => {}
+                    _ => false,
+                };
+                if gone {
+                    self.exclusive_consumer = None;
                 }
                 let fx = self.state.apply(cmd);
                 OpReply::Effects(self.carry_out(fx, node))
