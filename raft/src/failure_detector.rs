@@ -10,7 +10,7 @@
 //! [`Liveness`] is the pure bookkeeping (what the detector concluded, from
 //! timestamps it is given); the loop around it is [`run`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -22,14 +22,6 @@ use crate::wire::Frame;
 
 /// How often a node tells each peer it is alive.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
-
-/// Delay between successive candidates when a leader dies: the surviving
-/// voter ranked first asks for votes at once, the second this much later,
-/// and so on, so that they rarely split the vote.
-pub const ELECTION_RANK_STEP: Duration = Duration::from_millis(150);
-
-/// Random extra delay on top of the rank-based one.
-pub const ELECTION_JITTER: Duration = Duration::from_millis(50);
 
 /// A change in the detector's view of a peer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,17 +98,6 @@ impl Liveness {
     }
 }
 
-/// How long `me` waits before asking for votes in a group whose leader
-/// `failed`: by its rank among the surviving voters, plus jitter.
-pub(crate) fn election_delay(me: NodeId, voters: &BTreeSet<NodeId>, failed: NodeId) -> Duration {
-    let rank = voters
-        .iter()
-        .filter(|v| **v != failed)
-        .position(|v| *v == me)
-        .unwrap_or(0) as u32;
-    let jitter = rand::random_range(0..=ELECTION_JITTER.as_millis() as u64);
-    ELECTION_RANK_STEP * rank + Duration::from_millis(jitter)
-}
 
 /// What the detector asks of the node when a peer goes down or restarts.
 pub(crate) trait OnPeerLost: Send + Sync + 'static {
@@ -178,12 +159,5 @@ mod tests {
         );
         assert!(l.is_up(2) && !l.is_up(3));
         assert!(l.observe(9, 1, 1, 1).is_empty());
-    }
-
-    #[test]
-    fn ranks_order_candidates() {
-        let voters: BTreeSet<NodeId> = [1, 2, 3].into();
-        assert!(election_delay(2, &voters, 1) <= ELECTION_JITTER);
-        assert!(election_delay(3, &voters, 1) >= ELECTION_RANK_STEP);
     }
 }

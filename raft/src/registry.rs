@@ -372,10 +372,14 @@ impl RaftNode {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, entry);
-        // A one-member group elects itself when it is initialised.
-        if members.len() > 1 && members.first() == Some(&self.me) {
-            tokio::spawn(kick_election(raft));
+        // A one-member group elects itself when it is initialised; a new
+        // or re-opened group of several gets a leader as soon as the member
+        // whose turn it is has opened it.
+        if members.len() > 1 {
+            let g = self.group(group).expect("just inserted");
+            self.elect_in_turn(group, g, None, ELECTION_EFFORT);
         }
+        drop(raft);
         tracing::debug!(group, ?members, "group opened");
         Ok(())
     }
@@ -669,19 +673,46 @@ impl RaftNode {
         tracing::info!(node = self.me, "raft node stopped");
     }
 
-    /// Starts an election in `group` after `delay`, unless meanwhile it got
-    /// a leader other than `failed` (or this node).
-    fn elect_later(&self, group: GroupId, g: Arc<Group>, delay: Duration, failed: Option<NodeId>) {
+    /// Makes sure `group` gets a leader other than `failed` within `effort`:
+    /// every 50 ms, if the group still has no (live) leader and it is this
+    /// node's turn among the reachable voters (see [`whose_turn`]), this node
+    /// runs a pre-vote and, if that succeeds, an election. Only one voter
+    /// tries at a time, so candidates do not raise terms against each
+    /// other; a pre-vote that fails raises nothing.
+    fn elect_in_turn(&self, group: GroupId, g: Arc<Group>, failed: Option<NodeId>, effort: Duration) {
         let me = self.me;
+        let liveness = self.liveness.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let leader = g.leader();
-            if leader.is_some() && leader != failed || leader == Some(me) {
-                return;
-            }
-            tracing::debug!(group, ?failed, "starting election");
-            if let Err(e) = g.raft.trigger().elect(true).await {
-                tracing::debug!(group, error = %e, "election not started");
+            let deadline = Instant::now() + effort;
+            while Instant::now() < deadline {
+                let leader = g.leader();
+                let settled = match leader {
+                    Some(l) if l == me => true,
+                    Some(l) => Some(l) != failed && lock(&liveness).is_up(l),
+                    None => false,
+                };
+                if settled {
+                    return;
+                }
+                let voters = g.voters();
+                let reachable: Vec<NodeId> = {
+                    let live = lock(&liveness);
+                    voters
+                        .iter()
+                        .copied()
+                        .filter(|v| *v == me || (Some(*v) != failed && live.is_up(*v)))
+                        .collect()
+                };
+                if whose_turn(group, &reachable, std::time::SystemTime::now()) == Some(me) {
+                    tracing::debug!(group, ?failed, "starting election");
+                    if g.raft.trigger().elect(true).await.is_err() {
+                        return;
+                    }
+                    // A vote round trip, with fsyncs, before trying again.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         });
     }
@@ -694,12 +725,10 @@ impl OnPeerLost for RaftNode {
             if g.leader() != Some(peer) {
                 continue;
             }
-            let voters = g.voters();
-            if !voters.contains(&self.me) {
+            if !g.voters().contains(&self.me) {
                 continue;
             }
-            let delay = failure_detector::election_delay(self.me, &voters, peer);
-            self.elect_later(id, g, delay, Some(peer));
+            self.elect_in_turn(id, g, Some(peer), ELECTION_EFFORT);
         }
     }
 }
@@ -834,16 +863,6 @@ async fn watch_leadership(raft: Raft<GroupStateMachine>, sm: GroupStateMachine) 
     }
 }
 
-/// Asks for votes in a group this node just opened as its first member.
-/// Once only: if the other members have not opened the group yet, the
-/// leaderless sweep tries again (a retry here would raise the term under a
-/// vote that was about to succeed).
-async fn kick_election(raft: Raft<GroupStateMachine>) {
-    if raft.metrics().borrow_watched().current_leader.is_none() {
-        let _ = raft.trigger().elect(true).await;
-    }
-}
-
 /// Which voter may start an election in a leaderless group during the
 /// current sweep window: the voters this node can reach take turns, in an
 /// order that moves on every window. Nodes read the same wall clock, so
@@ -867,6 +886,11 @@ fn whose_turn(
 /// Length of one turn in [`whose_turn`].
 const SWEEP_WINDOW: Duration = Duration::from_millis(1500);
 
+/// How long a node keeps trying, in its turns, to get a leader for a group
+/// that was just opened or whose leader was lost; the leaderless sweep
+/// takes over after that.
+const ELECTION_EFFORT: Duration = Duration::from_secs(5);
+
 /// Every [`LEADERLESS_SWEEP`] (with jitter), starts an election in every
 /// group that has no leader, or whose leader the detector thinks is down.
 async fn leaderless_sweep(node: Weak<RaftNode>, mut stopped: watch::Receiver<bool>) {
@@ -889,19 +913,7 @@ async fn leaderless_sweep(node: Weak<RaftNode>, mut stopped: watch::Receiver<boo
             if !orphaned || !voters.contains(&node.me) {
                 continue;
             }
-            let reachable: Vec<NodeId> = {
-                let liveness = lock(&node.liveness);
-                voters
-                    .iter()
-                    .copied()
-                    .filter(|v| *v == node.me || liveness.is_up(*v))
-                    .collect()
-            };
-            if whose_turn(id, &reachable, std::time::SystemTime::now()) != Some(node.me) {
-                continue;
-            }
-            let delay = Duration::from_millis(rand::random_range(0..=100));
-            node.elect_later(id, g, delay, leader);
+            node.elect_in_turn(id, g, leader, LEADERLESS_SWEEP);
         }
     }
 }
@@ -937,4 +949,24 @@ fn raft_config(options: &NodeOptions) -> io::Result<openraft::Config> {
     config
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+#[cfg(test)]
+mod turn_tests {
+    use super::*;
+
+    #[test]
+    fn one_reachable_voter_has_the_turn_and_turns_move_on() {
+        let voters = [1, 2, 3];
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let first = whose_turn(7, &voters, t0).unwrap();
+        let later = whose_turn(7, &voters, t0 + SWEEP_WINDOW).unwrap();
+        assert_ne!(first, later, "the turn moves to another voter");
+        // Every voter gets a turn within as many windows as there are voters.
+        let turns: BTreeSet<NodeId> = (0..3)
+            .map(|k| whose_turn(7, &voters, t0 + SWEEP_WINDOW * k).unwrap())
+            .collect();
+        assert_eq!(turns.len(), 3);
+        assert_eq!(whose_turn(7, &[], t0), None);
+    }
 }

@@ -1293,16 +1293,19 @@ impl Conn {
                     cf.answer(seq, accepted);
                 }
             }
-            ChannelEvent::QueueDeleted { vhost, queue } => {
-                if *vhost != *self.vhost {
-                    return;
-                }
-                let tags: Vec<Arc<str>> = c
-                    .consumers
-                    .iter()
-                    .filter(|(_, info)| info.queue == queue)
-                    .map(|(t, _)| t.clone())
-                    .collect();
+            ev @ (ChannelEvent::QueueDeleted { .. } | ChannelEvent::ConsumerCancelled { .. }) => {
+                // The queue cancelled one consumer, or was deleted (then
+                // every consumer of it on this channel is cancelled).
+                let tags: Vec<Arc<str>> = match ev {
+                    ChannelEvent::QueueDeleted { vhost, queue } if *vhost == *self.vhost => c
+                        .consumers
+                        .iter()
+                        .filter(|(_, info)| info.queue == queue)
+                        .map(|(t, _)| t.clone())
+                        .collect(),
+                    ChannelEvent::ConsumerCancelled { tag } => vec![tag],
+                    _ => Vec::new(),
+                };
                 for tag in tags {
                     if c.consumers.remove(&tag).is_some()
                         && self.caps.consumer_cancel_notify
@@ -1319,23 +1322,6 @@ impl Conn {
                             }
                         );
                     }
-                }
-            }
-            ChannelEvent::ConsumerCancelled { tag } => {
-                if c.consumers.remove(&tag).is_some()
-                    && self.caps.consumer_cancel_notify
-                    && !c.closing
-                {
-                    ok!(
-                        self,
-                        ch,
-                        basic,
-                        Cancel,
-                        basic::Cancel {
-                            consumer_tag: ShortString::from(&*tag),
-                            nowait: true
-                        }
-                    );
                 }
             }
             ChannelEvent::DirectReply { msg } => {

@@ -137,7 +137,7 @@ async fn run(node: Arc<Node>, handle: QueueHandle, group: u64, mut rx: mpsc::Rec
             break;
         }
     }
-    refuse_pending(&node, &handle, rx);
+    crate::queue::runner::refuse_pending(&node, &handle, rx);
 }
 
 fn answer(node: &Node, w: Waiter, r: OpReply) {
@@ -185,38 +185,5 @@ fn fail(node: &Node, w: Waiter) {
                 accepted: false,
             },
         );
-    }
-}
-
-/// Answers what was sent after the queue was deleted, as the local runner
-/// does: a publish is confirmed (the queue it reached is gone), a consumer
-/// is refused.
-fn refuse_pending(node: &Node, handle: &QueueHandle, mut rx: mpsc::Receiver<Request>) {
-    rx.close();
-    while let Ok(req) = rx.try_recv() {
-        match req {
-            Request::Apply(
-                Command::Enqueue {
-                    confirm: Some(confirm),
-                    ..
-                },
-                _,
-            ) => {
-                node.send_to_owner(
-                    confirm.owner,
-                    ChannelEvent::Confirm {
-                        seq: confirm.seq,
-                        accepted: true,
-                    },
-                );
-            }
-            Request::Consume { reply, .. } => {
-                let _ = reply.send(Err(format!(
-                    "queue '{}' in vhost '{}' was deleted",
-                    handle.name, handle.vhost
-                )));
-            }
-            _ => {}
-        }
     }
 }

@@ -386,38 +386,8 @@ impl Runner {
         s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
     }
 
-    /// Answers what was sent after the queue stopped: a publish waiting for
-    /// a confirm is confirmed (it reached the queue, which is gone, as in
-    /// RabbitMQ), so that no publisher waits forever; a consumer is refused.
-    /// Replies that are dropped make their callers see a deleted queue.
-    fn refuse_pending(&self, mut rx: mpsc::Receiver<Request>) {
-        rx.close();
-        while let Ok(req) = rx.try_recv() {
-            match req {
-                Request::Apply(
-                    Command::Enqueue {
-                        confirm: Some(confirm),
-                        ..
-                    },
-                    _,
-                ) => {
-                    self.node.send_to_owner(
-                        confirm.owner,
-                        ChannelEvent::Confirm {
-                            seq: confirm.seq,
-                            accepted: true,
-                        },
-                    );
-                }
-                Request::Consume { reply, .. } => {
-                    let _ = reply.send(Err(format!(
-                        "queue '{}' in vhost '{}' was deleted",
-                        self.handle.name, self.handle.vhost
-                    )));
-                }
-                _ => {}
-            }
-        }
+    fn refuse_pending(&self, rx: mpsc::Receiver<Request>) {
+        refuse_pending(&self.node, &self.handle, rx);
     }
 
     /// Tells every consumer's channel that the queue is gone
@@ -455,4 +425,38 @@ pub fn owners_of(owners: &[OwnerId], node: u64, below: Option<u64>) -> Vec<Owner
         .copied()
         .filter(|&o| o >> 48 == node && below.is_none_or(|f| o < f))
         .collect()
+}
+
+/// Answers what was sent to a queue after it stopped: a publish waiting for
+/// a confirm is confirmed (it reached the queue, which is gone, as in
+/// RabbitMQ), so that no publisher waits forever; a consumer is refused.
+/// Replies that are dropped make their callers see a deleted queue.
+pub fn refuse_pending(node: &Node, handle: &QueueHandle, mut rx: mpsc::Receiver<Request>) {
+    rx.close();
+    while let Ok(req) = rx.try_recv() {
+        match req {
+            Request::Apply(
+                Command::Enqueue {
+                    confirm: Some(confirm),
+                    ..
+                },
+                _,
+            ) => {
+                node.send_to_owner(
+                    confirm.owner,
+                    ChannelEvent::Confirm {
+                        seq: confirm.seq,
+                        accepted: true,
+                    },
+                );
+            }
+            Request::Consume { reply, .. } => {
+                let _ = reply.send(Err(format!(
+                    "queue '{}' in vhost '{}' was deleted",
+                    handle.name, handle.vhost
+                )));
+            }
+            _ => {}
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! each with its own ports and data directory, that a test can kill with
 //! SIGKILL and start again on the same data.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -140,26 +140,7 @@ impl Cluster {
 
     /// An HTTP request to node `i`'s admin API: (status, body).
     pub fn http(&self, i: usize, method: &str, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.specs[i].admin) else {
-            return (0, String::new());
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _ = write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        let mut resp = String::new();
-        let _ = s.read_to_string(&mut resp);
-        let status = resp
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        super::http(self.specs[i].admin, method, path, "")
     }
 
     /// The leader of a queue as node `i` sees it (from `/api/queues`).
