@@ -98,7 +98,6 @@ impl Liveness {
     }
 }
 
-
 /// What the detector asks of the node when a peer goes down or restarts.
 pub(crate) trait OnPeerLost: Send + Sync + 'static {
     fn peer_lost(&self, peer: NodeId);

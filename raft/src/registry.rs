@@ -679,7 +679,13 @@ impl RaftNode {
     /// runs a pre-vote and, if that succeeds, an election. Only one voter
     /// tries at a time, so candidates do not raise terms against each
     /// other; a pre-vote that fails raises nothing.
-    fn elect_in_turn(&self, group: GroupId, g: Arc<Group>, failed: Option<NodeId>, effort: Duration) {
+    fn elect_in_turn(
+        &self,
+        group: GroupId,
+        g: Arc<Group>,
+        failed: Option<NodeId>,
+        effort: Duration,
+    ) {
         let me = self.me;
         let liveness = self.liveness.clone();
         tokio::spawn(async move {
