@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, connect, reply_code};
+use common::{Server, connect};
 use futures_lite::StreamExt;
 use lapin::options::*;
 use lapin::types::{
@@ -357,22 +357,6 @@ async fn prefetch_limits_unacknowledged_deliveries_per_consumer() {
     for i in 3..6u8 {
         assert_eq!(next(&mut consumer).await.data, [i]);
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_delivery_tag_closes_the_channel_with_406() {
-    let server = Server::start();
-    let conn = connect(&server).await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_ack(99, BasicAckOptions::default()).await.unwrap();
-    let err = ch
-        .basic_qos(1, BasicQosOptions::default())
-        .await
-        .unwrap_err();
-    assert_eq!(reply_code(&err), Some(406), "{err:?}");
-    // The connection survives a channel error.
-    let ch2 = conn.create_channel().await.unwrap();
-    declare(&ch2, "still-fine", FieldTable::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -351,3 +351,33 @@ fn settings_come_from_the_config_file_and_the_environment() {
     };
     assert_eq!((t.frame_max, t.channel_max, t.heartbeat), (65536, 42, 7));
 }
+
+#[test]
+fn an_unknown_delivery_tag_closes_the_channel_with_406_and_the_connection_survives() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+            delivery_tag: 99,
+            multiple: false,
+        })),
+    );
+    assert_eq!(r.expect_channel_close(), 406);
+    // Another channel on the same connection still works.
+    r.open_channel(2);
+    r.send_method(
+        2,
+        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    assert!(matches!(
+        r.recv_method(),
+        Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))
+    ));
+}
