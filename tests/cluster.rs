@@ -316,6 +316,28 @@ async fn killing_the_leader_mid_stream_loses_no_confirmed_message() {
         "repeats not marked redelivered: {:?}",
         &s.unmarked_repeats[..s.unmarked_repeats.len().min(10)]
     );
+    drop(s);
+
+    // The new leader says so in its metrics, with a term past the first.
+    let new_leader = c.wait_queue_leader("ha", Duration::from_secs(10)) as usize - 1;
+    assert_ne!(new_leader, leader);
+    let (status, metrics) = c.http(new_leader, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("queue=\"ha\""))
+            .map(|l| l.rsplit(' ').next().unwrap_or("").to_owned())
+    };
+    assert_eq!(
+        line("warren_raft_leader").as_deref(),
+        Some("1"),
+        "{metrics}"
+    );
+    let term: u64 = line("rabbitmq_raft_term_total")
+        .and_then(|t| t.parse().ok())
+        .expect("a term");
+    assert!(term > 1, "a new term after the election, got {term}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,6 +200,50 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             ));
         }
     }
+    // Raft, per group this node holds a replica of: RabbitMQ's names for
+    // the term and the applied index, labelled with the queue (the metadata
+    // group is `queue=""`), plus whether this node leads it.
+    let status = node.raft().status();
+    let names: std::collections::HashMap<u64, (Arc<str>, Arc<str>)> = queues
+        .iter()
+        .filter_map(|q| Some((q.group?, (q.vhost.clone(), q.name.clone()))))
+        .collect();
+    for (name, help, pick) in [
+        (
+            "rabbitmq_raft_term_total",
+            "Current Raft term of the group",
+            0,
+        ),
+        (
+            "rabbitmq_raft_log_last_applied_index",
+            "Index of the last entry the replica applied",
+            1,
+        ),
+        (
+            "warren_raft_leader",
+            "1 when this node leads the group, 0 otherwise",
+            2,
+        ),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for g in &status {
+            let (vhost, queue) = names
+                .get(&g.group)
+                .map(|(v, q)| (v.to_string(), q.to_string()))
+                .unwrap_or_default();
+            let v = match pick {
+                0 => g.term,
+                1 => g.last_applied,
+                _ => u64::from(g.leader == Some(node.node_id())),
+            };
+            text.push_str(&format!(
+                "{name}{{vhost=\"{}\",queue=\"{}\",group=\"{}\"}} {v}\n",
+                escape_label(&vhost),
+                escape_label(&queue),
+                g.group
+            ));
+        }
+    }
     text.push_str("# EOF\n");
     (
         StatusCode::OK,
