@@ -228,6 +228,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warren_chaos=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let args = match cli.command {

@@ -219,6 +219,11 @@ pub fn summary(settings: &Settings, verdict: &Verdict, events: &[Event], dir: &P
         s,
         "+------------------+----------------------------------------+"
     );
+    for e in events {
+        if let Event::Note { t, text } = e {
+            let _ = writeln!(s, "note at {:.1}s: {text}", *t as f64 / 1000.0);
+        }
+    }
     if !v.lost_examples.is_empty() {
         let _ = writeln!(s, "lost, e.g.: {}", v.lost_examples.join(" "));
     }

@@ -34,8 +34,12 @@ const WARMUP: Duration = Duration::from_secs(3);
 const RECOVERY: Duration = Duration::from_secs(5);
 /// Longest wait for the cluster to start.
 const START_WITHIN: Duration = Duration::from_secs(60);
-/// Longest time each drain stage may take.
-const DRAIN_WITHIN: Duration = Duration::from_secs(60);
+/// Longest time the running consumers get to empty the queues. Past it,
+/// the stall is noted (live subscriptions that stopped receiving are a
+/// finding) and fresh consumers take over.
+const DRAIN_WITHIN: Duration = Duration::from_secs(20);
+/// Longest time the fresh consumers get.
+const FINAL_DRAIN_WITHIN: Duration = Duration::from_secs(60);
 /// Quiet time (no delivery) after which an empty queue is drained.
 const DRAIN_QUIET_MS: u64 = 2_000;
 /// Publishes a publisher may make in one run, whatever the duration.
@@ -169,7 +173,15 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     rec.phase("drain");
     stop_publishers.send_replace(true);
     while publishers.join_next().await.is_some() {}
-    drain_until_empty(&view, &queues, &counters, &rec).await;
+    drain_until_empty(
+        &view,
+        &queues,
+        &counters,
+        &rec,
+        DRAIN_WITHIN,
+        "the running consumers",
+    )
+    .await;
     stop_consumers.send_replace(true);
     while consumers.join_next().await.is_some() {}
 
@@ -192,7 +204,15 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
             drainers_stop.clone(),
         ));
     }
-    drain_until_empty(&view, &queues, &counters, &rec).await;
+    drain_until_empty(
+        &view,
+        &queues,
+        &counters,
+        &rec,
+        FINAL_DRAIN_WITHIN,
+        "fresh consumers",
+    )
+    .await;
     stop_drainers.send_replace(true);
     while drainers.join_next().await.is_some() {}
 
@@ -239,9 +259,16 @@ async fn wait_for_leaders(view: &View, queues: &[String], within: Duration) {
 }
 
 /// Waits until every queue's leader reports it empty and nothing has been
-/// delivered for a while, or [`DRAIN_WITHIN`] passes.
-async fn drain_until_empty(view: &View, queues: &[String], counters: &Counters, rec: &Recorder) {
-    let deadline = Instant::now() + DRAIN_WITHIN;
+/// delivered for a while, or `within` passes (which is noted).
+async fn drain_until_empty(
+    view: &View,
+    queues: &[String],
+    counters: &Counters,
+    rec: &Recorder,
+    within: Duration,
+    who: &str,
+) {
+    let deadline = Instant::now() + within;
     let started = rec.now();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -256,10 +283,13 @@ async fn drain_until_empty(view: &View, queues: &[String], counters: &Counters, 
     }
     let depths: Vec<String> = queues
         .iter()
-        .map(|q| format!("{q}: {:?}", view.get().get(q).and_then(|v| v.messages)))
+        .map(|q| match view.get().get(q).and_then(|v| v.messages) {
+            Some(n) => format!("{q}: {n}"),
+            None => format!("{q}: unknown"),
+        })
         .collect();
     rec.note(format!(
-        "drain did not empty the queues within {DRAIN_WITHIN:?} ({})",
+        "{who} did not empty the queues within {within:?} (depth {})",
         depths.join(", ")
     ));
 }

@@ -117,19 +117,27 @@ pub fn timeline(events: &[Event], title: &str) -> String {
         );
     }
 
-    // Phases.
-    for e in events {
-        if let Event::Phase { t, name } = e {
-            let _ = writeln!(
-                s,
-                r##"<line x1="{0:.1}" x2="{0:.1}" y1="{TOP}" y2="{1}" stroke="#555" stroke-dasharray="4 3"/><text x="{2:.1}" y="{3}" fill="#555">{4}</text>"##,
-                x(*t),
-                TOP + plot_h,
-                x(*t) + 2.0,
-                TOP + plot_h + 28.0,
-                escape(name)
-            );
-        }
+    // Phases, labels on two alternating rows so close phases stay legible.
+    let phases = events.iter().filter_map(|e| match e {
+        Event::Phase { t, name } => Some((t, name)),
+        _ => None,
+    });
+    for (row, (t, name)) in phases.enumerate() {
+        // Near the right edge the label goes to the left of its line.
+        let (anchor, dx) = if x(*t) > WIDTH - RIGHT - 80.0 {
+            ("end", -2.0)
+        } else {
+            ("start", 2.0)
+        };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{0:.1}" x2="{0:.1}" y1="{TOP}" y2="{1}" stroke="#555" stroke-dasharray="4 3"/><text x="{2:.1}" y="{3}" fill="#555" text-anchor="{anchor}">{4}</text>"##,
+            x(*t),
+            TOP + plot_h,
+            x(*t) + dx,
+            TOP + plot_h + 28.0 + 11.0 * (row % 2) as f64,
+            escape(name)
+        );
     }
 
     // Axes and grid.
