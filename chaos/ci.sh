@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 TARGET=${CARGO_TARGET_DIR:-target}
 DURATION=${CHAOS_DURATION:-30s}
 OUT=${CHAOS_REPORT_DIR:-$TARGET/chaos-ci}
+# Not the default 25000, so a manual run elsewhere does not collide.
+BASE_PORT=${CHAOS_BASE_PORT:-26000}
 
 cargo build --locked --bins -p warren -p warren-chaos
 
@@ -19,7 +21,7 @@ for run in "vm-loss 1001" "simultaneous-restart 1002" "partition-leader 1003"; d
     echo "== chaos: $scenario (seed $seed, $DURATION)"
     if ! "$TARGET/debug/warren-chaos" run \
         --nodes 3 --scenario "$scenario" --seed "$seed" --duration "$DURATION" \
-        --warren "$TARGET/debug/warren" --report "$OUT/$scenario"; then
+        --base-port "$BASE_PORT" --warren "$TARGET/debug/warren" --report "$OUT/$scenario"; then
         failed+=("$scenario")
     fi
 done
