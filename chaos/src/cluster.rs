@@ -405,7 +405,7 @@ mod tests {
 
     #[test]
     fn peers_point_at_the_proxies_a_node_dials() {
-        let l = Layout::new(3, 30000, Path::new("/tmp/x"));
+        let l = Layout::new(3, 30000, Path::new("nodes"));
         assert_eq!(
             l.peers_for(1),
             "1=127.0.0.11:30003,2=127.0.0.11:30012,3=127.0.0.11:30013"
