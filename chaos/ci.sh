@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The chaos suite's short run, for the test command: three scenarios
+# (vm-loss, simultaneous-restart, partition-leader) against a 3-node
+# cluster, fixed seeds, 30 s of faults each. Exits non-zero if any run lost
+# a confirmed message, saw an unexpected one, or could not run at all.
+# Reports land in ${CHAOS_REPORT_DIR:-$CARGO_TARGET_DIR/chaos-ci}/<scenario>.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=${CARGO_TARGET_DIR:-target}
+DURATION=${CHAOS_DURATION:-30s}
+OUT=${CHAOS_REPORT_DIR:-$TARGET/chaos-ci}
+# Not the default 25000, so a manual run elsewhere does not collide.
+BASE_PORT=${CHAOS_BASE_PORT:-26000}
+
+cargo build --locked --bins -p warren -p warren-chaos
+
+failed=()
+for run in "vm-loss 1001" "simultaneous-restart 1002" "partition-leader 1003"; do
+    read -r scenario seed <<<"$run"
+    echo "== chaos: $scenario (seed $seed, $DURATION)"
+    if ! "$TARGET/debug/warren-chaos" run \
+        --nodes 3 --scenario "$scenario" --seed "$seed" --duration "$DURATION" \
+        --base-port "$BASE_PORT" --warren "$TARGET/debug/warren" --report "$OUT/$scenario"; then
+        failed+=("$scenario")
+    fi
+done
+
+if ((${#failed[@]})); then
+    echo "chaos: FAILED: ${failed[*]} (reports in $OUT)" >&2
+    exit 1
+fi
+echo "chaos: all scenarios passed"
