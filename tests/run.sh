@@ -5,6 +5,8 @@
 #   2. integration tests against real `warren server` processes (lapin),
 #      including 1- and 3-node clusters killed with SIGKILL and restarted
 #   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates
+#   4. the chaos suite's short run (chaos/ci.sh): three fault scenarios on a
+#      3-node cluster with fixed seeds; fails on any lost confirmed message
 # Extra arguments are passed to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +17,4 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 cargo build --locked --bins
 cargo test --locked --workspace -- --test-threads=2
 WARREN_BIN="$PWD/target/debug/warren" tests/python/run.sh "$@"
+chaos/ci.sh

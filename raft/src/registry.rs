@@ -480,7 +480,35 @@ impl RaftNode {
                     // A little longer than the leader's own bound, so its
                     // verdict arrives rather than a bare timeout.
                     let wait = remaining + Duration::from_millis(100);
-                    match self.transport.call(t, request, wait).await {
+                    // A leader the failure detector has given up on (killed,
+                    // paused, cut off) is not waited for: its connection may
+                    // stay open while it answers nothing. The proposal goes
+                    // to the next leader instead (and may then be applied
+                    // twice, if the old one comes back and had committed it).
+                    if !lock(&self.liveness).is_up(t) {
+                        lock(&self.hints).remove(&group);
+                        let remaining = deadline.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(backoff.min(remaining)).await;
+                        backoff = (backoff * 2).min(PROPOSE_MAX_BACKOFF);
+                        continue;
+                    }
+                    let mut events = self.events.subscribe();
+                    let peer_down = async move {
+                        loop {
+                            match events.recv().await {
+                                Ok(PeerEvent::Down(p)) if p == t => return,
+                                Err(broadcast::error::RecvError::Closed) => {
+                                    std::future::pending::<()>().await
+                                }
+                                _ => {}
+                            }
+                        }
+                    };
+                    let answer = tokio::select! {
+                        answer = self.transport.call(t, request, wait) => answer,
+                        _ = peer_down => Err(CallError::Unreachable(t, "declared down while a proposal waited")),
+                    };
+                    match answer {
                         Ok(Reply::Proposed(ProposeOutcome::Applied(reply))) => {
                             if local.is_none() {
                                 lock(&self.hints).insert(group, t);

@@ -101,6 +101,14 @@ pub async fn watch_peers(node: Weak<Node>) {
         };
         let Some(node) = node.upgrade() else { return };
         if let PeerEvent::Down(peer) = ev {
+            // A node that cannot reach a majority is more likely cut off
+            // itself than looking at a dead peer: it leaves the decision to
+            // the majority side.
+            let view = node.raft().reachable();
+            let up = view.values().filter(|u| **u).count();
+            if up * 2 <= view.len() {
+                continue;
+            }
             tracing::info!(peer, "peer down: returning its channels' messages");
             for h in node.all_queues() {
                 let Some(group) = h.group else { continue };

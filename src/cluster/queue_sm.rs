@@ -24,6 +24,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use tokio::sync::watch;
 
+/// How much older than the queue's clock a node-down report may be and
+/// still be acted on.
+const STALE_NODE_GONE_MS: u64 = 2_000;
+
 pub struct QueueSm {
     node: Weak<Node>,
     vhost: Arc<str>,
@@ -115,6 +119,15 @@ impl QueueSm {
                 below,
                 now_ms,
             } => {
+                // A node cut off while it led the queue may have proposed
+                // "the others are gone" and, once back, forwarded that to the
+                // new leader. By then the queue has applied later commands
+                // from the live side: a report older than that is stale, and
+                // acting on it would drop every live consumer.
+                if below.is_none() && now_ms + STALE_NODE_GONE_MS < self.state.clock_ms() {
+                    tracing::info!(queue = %self.name, node = n, "stale node-down report ignored");
+                    return OpReply::Effects(Vec::new());
+                }
                 for owner in owners_of(&self.state.owners(), n, below) {
                     let fx = self.state.apply(Command::OwnerDown { owner, now_ms });
                     self.carry_out(fx, node);

@@ -337,6 +337,11 @@ impl QueueState {
         v
     }
 
+    /// The queue's clock: the latest time any applied command carried.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
     pub fn has_consumer(&self, owner: OwnerId, tag: &str) -> bool {
         self.find_consumer(owner, tag).is_some()
     }
