@@ -130,6 +130,7 @@ async fn run(node: Arc<Node>, handle: QueueHandle, group: u64, mut rx: mpsc::Rec
                     for w in waiters {
                         fail(&node, w);
                     }
+                    retry_later(&handle, ops);
                 }
             }
         }
@@ -186,4 +187,41 @@ fn fail(node: &Node, w: Waiter) {
             },
         );
     }
+}
+
+/// After a failed proposal, the commands that must eventually happen are
+/// proposed again, a second later, until they are committed or the queue is
+/// deleted: settlements (ack, nack, reject), a consumer's cancel, and a
+/// channel that closed (`OwnerDown`). Without them a consumer whose acks
+/// were lost would stay at its prefetch limit and receive nothing more, and
+/// a closed channel's messages would stay checked out to it forever. All of
+/// them are idempotent (settling what the owner no longer holds does
+/// nothing). Publishes are not retried (their publisher got a nack), nor is
+/// a node reported gone (by then the node may well be back).
+fn retry_later(handle: &QueueHandle, ops: Vec<QueueOp>) {
+    let must: Vec<Request> = ops
+        .into_iter()
+        .filter_map(|op| match op {
+            QueueOp::Cmd(
+                cmd @ (Command::OwnerDown { .. }
+                | Command::Settle { .. }
+                | Command::Return { .. }
+                | Command::Discard { .. }
+                | Command::Cancel { .. }),
+            ) => Some(Request::Apply(cmd, None)),
+            _ => None,
+        })
+        .collect();
+    if must.is_empty() {
+        return;
+    }
+    let handle = handle.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for req in must {
+            if handle.send(req).await.is_err() {
+                return;
+            }
+        }
+    });
 }

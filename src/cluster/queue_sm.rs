@@ -192,6 +192,36 @@ impl QueueSm {
         replies
     }
 
+    /// A new leader gives back what the channels of unreachable nodes
+    /// hold: their node went down before this one led the queue, so nobody
+    /// returned it then (the old leader may have been cut off with them).
+    fn release_unreachable_owners(&self, node: &Arc<Node>) {
+        let view = node.raft().reachable();
+        let mut gone: Vec<u64> = self
+            .state
+            .owners()
+            .iter()
+            .map(|o| o >> 48)
+            .filter(|n| *n != node.node_id() && view.get(n) == Some(&false))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        let Some(h) = node.queue(&self.vhost, &self.name) else {
+            return;
+        };
+        for n in gone {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let _ = h
+                    .send(Request::NodeGone {
+                        node: n,
+                        below: None,
+                    })
+                    .await;
+            });
+        }
+    }
+
     fn publish_stats(&self) {
         let c = self.state.counts();
         let s = &self.stats;
@@ -215,6 +245,7 @@ impl warren_raft::StateMachine for QueueSm {
             if let Some(node) = &node {
                 let fx = self.state.checked_out();
                 self.carry_out(fx, Some(node));
+                self.release_unreachable_owners(node);
             }
         }
         self.leading = leader;
