@@ -23,19 +23,7 @@ fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
 fn assert_server_healthy(server: &Server) {
     let mut r = Raw::handshake(server, 0, &[]);
     r.open_channel(1);
-    r.send_method(
-        1,
-        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
-            reply_code: 200,
-            reply_text: "bye".into(),
-            class_id: 0,
-            method_id: 0,
-        })),
-    );
-    assert!(matches!(
-        r.recv_method(),
-        Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))
-    ));
+    r.close_channel(1);
 }
 
 #[test]
@@ -367,17 +355,5 @@ fn an_unknown_delivery_tag_closes_the_channel_with_406_and_the_connection_surviv
     assert_eq!(r.expect_channel_close(), 406);
     // Another channel on the same connection still works.
     r.open_channel(2);
-    r.send_method(
-        2,
-        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
-            reply_code: 200,
-            reply_text: "bye".into(),
-            class_id: 0,
-            method_id: 0,
-        })),
-    );
-    assert!(matches!(
-        r.recv_method(),
-        Some(AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)))
-    ));
+    r.close_channel(2);
 }

@@ -317,6 +317,24 @@ impl Raw {
     }
 
     /// Reads until channel.close arrives; returns its reply code.
+    /// Closes a channel normally and checks that the server confirms it.
+    pub fn close_channel(&mut self, channel: u16) {
+        use amq_protocol::protocol::{AMQPClass, channel as c};
+        self.send_method(
+            channel,
+            &AMQPClass::Channel(c::AMQPMethod::Close(c::Close {
+                reply_code: 200,
+                reply_text: "bye".into(),
+                class_id: 0,
+                method_id: 0,
+            })),
+        );
+        assert!(matches!(
+            self.recv_method(),
+            Some(AMQPClass::Channel(c::AMQPMethod::CloseOk(_)))
+        ));
+    }
+
     pub fn expect_channel_close(&mut self) -> u16 {
         use amq_protocol::protocol::{AMQPClass, channel as c};
         loop {
