@@ -69,6 +69,9 @@ pub enum ChannelEvent {
     },
 }
 
+/// A consumer: the channel that owns it and its tag.
+type ConsumerRef = (OwnerId, Arc<str>);
+
 /// Events for a connection, tagged with the channel they are for.
 pub type ConnEvents = mpsc::UnboundedSender<(u16, ChannelEvent)>;
 
@@ -97,6 +100,8 @@ pub struct Node {
     pub ready: watch::Sender<bool>,
     /// Index of the last metadata entry this node applied.
     pub meta_applied: watch::Sender<u64>,
+    /// Consumer cancellations waiting for their node to be reachable.
+    pending_cancels: std::sync::Mutex<HashMap<u64, Vec<ConsumerRef>>>,
 }
 
 impl Node {
@@ -124,6 +129,7 @@ impl Node {
             boot_floor: ((config.node_id as u64) << 48) | boot_floor,
             ready,
             meta_applied,
+            pending_cancels: std::sync::Mutex::new(HashMap::new()),
             config,
         });
         raft.set_app_handler(Arc::new(crate::cluster::Handler {
@@ -376,6 +382,32 @@ impl Node {
                 msg,
             }),
         );
+    }
+
+    /// Tells a consumer's channel on another node that the queue dropped
+    /// its consumer; held until that node is reachable (it was declared
+    /// down when this was decided) and sent when it comes back.
+    pub fn cancel_when_reachable(&self, owner: OwnerId, tag: Arc<str>) {
+        self.pending_cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(owner >> 48)
+            .or_default()
+            .push((owner, tag));
+    }
+
+    /// Sends what `cancel_when_reachable` held for `peer`.
+    pub fn peer_reachable(&self, peer: u64) {
+        let held = self
+            .pending_cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&peer)
+            .unwrap_or_default();
+        for (owner, tag) in held {
+            self.raft
+                .send(peer, encode(&AppMsg::Cancelled { owner, tag }));
+        }
     }
 
     /// Hands a delivery to the consumer's channel, on this node or another.

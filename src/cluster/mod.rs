@@ -100,6 +100,9 @@ pub async fn watch_peers(node: Weak<Node>) {
             Err(_) => return,
         };
         let Some(node) = node.upgrade() else { return };
+        if let PeerEvent::Up(peer) | PeerEvent::Restarted(peer) = ev {
+            node.peer_reachable(peer);
+        }
         if let PeerEvent::Down(peer) = ev {
             // A node that cannot reach a majority is more likely cut off
             // itself than looking at a dead peer: it leaves the decision to

@@ -128,7 +128,19 @@ impl QueueSm {
                     tracing::info!(queue = %self.name, node = n, "stale node-down report ignored");
                     return OpReply::Effects(Vec::new());
                 }
-                for owner in owners_of(&self.state.owners(), n, below) {
+                let gone = owners_of(&self.state.owners(), n, below);
+                if let (Some(node), None) = (node, below) {
+                    // The node may only be cut off or paused, its channels
+                    // alive: they are told their consumers were cancelled
+                    // (once the node is reachable again), so that clients
+                    // consume again instead of waiting for nothing.
+                    for (owner, tag) in self.state.consumers() {
+                        if gone.contains(&owner) {
+                            node.cancel_when_reachable(owner, tag);
+                        }
+                    }
+                }
+                for owner in gone {
                     let fx = self.state.apply(Command::OwnerDown { owner, now_ms });
                     self.carry_out(fx, node);
                 }
