@@ -151,7 +151,16 @@ pub struct QueueState {
     last_used_ms: u64,
     /// `Effect::Expired` was emitted; it is emitted only once.
     expired: bool,
+    /// The highest publish sequence number accepted from each publishing
+    /// channel (publisher confirms): an enqueue carrying one already
+    /// accepted is a copy of a proposal that was retried after its
+    /// connection dropped, and is confirmed without being added twice.
+    /// Bounded; the oldest channels (smallest ids) are forgotten first.
+    publishers: BTreeMap<OwnerId, u64>,
 }
+
+/// Publishing channels whose last sequence number a queue remembers.
+const MAX_REMEMBERED_PUBLISHERS: usize = 4096;
 
 impl QueueState {
     /// An empty queue. `now_ms` starts the `x-expires` countdown.
@@ -172,6 +181,7 @@ impl QueueState {
             clock_ms: now_ms,
             last_used_ms: now_ms,
             expired: false,
+            publishers: BTreeMap::new(),
         }
     }
 
@@ -355,6 +365,16 @@ impl QueueState {
     }
 
     fn enqueue(&mut self, msg: Message, confirm: Option<ConfirmRef>, fx: &mut Vec<Effect>) {
+        if let Some(c) = confirm {
+            if self
+                .publishers
+                .get(&c.owner)
+                .is_some_and(|&last| c.seq <= last)
+            {
+                confirm_effect(confirm, true, fx);
+                return;
+            }
+        }
         // Expired heads must not count against the length limits.
         self.expire_heads(fx);
         if self.would_overflow(&msg) {
@@ -386,6 +406,12 @@ impl QueueState {
             redelivered: false,
         };
         self.insert_ready(id, stored);
+        if let Some(c) = confirm {
+            self.publishers.insert(c.owner, c.seq);
+            if self.publishers.len() > MAX_REMEMBERED_PUBLISHERS {
+                self.publishers.pop_first();
+            }
+        }
         confirm_effect(confirm, true, fx);
         // A message with TTL 0 may still go straight to a waiting consumer
         // (RabbitMQ semantics); if it stays, it expires right after.
@@ -1787,6 +1813,18 @@ mod tests {
             confirm: ConfirmRef { owner: 9, seq },
             accepted,
         }
+    }
+
+    #[test]
+    fn a_retried_publish_is_confirmed_but_not_enqueued_twice() {
+        let mut q = QueueState::new(QueueConfig::classic(), T0);
+        assert_eq!(confirmed(&mut q, "a", 1), [confirm(1, true)]);
+        assert_eq!(confirmed(&mut q, "b", 2), [confirm(2, true)]);
+        // The proposal carrying seq 2 is applied a second time.
+        assert_eq!(confirmed(&mut q, "b", 2), [confirm(2, true)]);
+        assert_eq!(q.counts().ready, 2);
+        assert_eq!(confirmed(&mut q, "c", 3), [confirm(3, true)]);
+        assert_eq!(q.counts().ready, 3);
     }
 
     #[test]
