@@ -174,8 +174,14 @@ impl Node {
         self: &Arc<Self>,
         mut cmd: MetaCommand,
     ) -> Result<MetaOutcome, BrokerError> {
-        if let MetaCommand::DeclareQueue { def, .. } = &mut cmd {
-            def.placement = self.place(def);
+        if let MetaCommand::DeclareQueue { vhost, def } = &mut cmd {
+            // A redeclare keeps the queue where it is; only a new queue is
+            // placed.
+            let existing = self
+                .meta()
+                .queue(vhost, &def.name)
+                .map(|q| q.placement.clone());
+            def.placement = existing.unwrap_or_else(|| self.place(def));
         }
         let reply = self
             .raft

@@ -176,6 +176,21 @@ async fn consume_until(
     }
 }
 
+/// Every confirmed id was delivered at least once.
+fn assert_none_lost(seen: &Seen, confirmed: &BTreeSet<u64>) {
+    let missing: Vec<u64> = confirmed
+        .iter()
+        .filter(|id| !seen.count.contains_key(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} confirmed messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_keeps_ten_thousand_confirmed_messages_through_kill_9() {
     let mut c = Cluster::start(1);
@@ -207,17 +222,7 @@ async fn one_node_keeps_ten_thousand_confirmed_messages_through_kill_9() {
     )
     .await;
     let s = seen.lock().unwrap();
-    let missing: Vec<u64> = want
-        .iter()
-        .filter(|id| !s.count.contains_key(id))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} confirmed messages lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    assert_none_lost(&s, &want);
     assert!(
         s.count.keys().all(|id| want.contains(id)),
         "nothing unexpected"
@@ -296,17 +301,7 @@ async fn killing_the_leader_mid_stream_loses_no_confirmed_message() {
     )
     .await;
     let s = seen.lock().unwrap();
-    let missing: Vec<u64> = confirmed
-        .iter()
-        .filter(|id| !s.count.contains_key(id))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} confirmed messages lost, e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
+    assert_none_lost(&s, &confirmed);
     assert!(
         s.count.keys().all(|id| *id < next_id),
         "nothing that was never published"
@@ -387,8 +382,7 @@ async fn a_simultaneous_restart_of_every_node_keeps_every_queue() {
         )
         .await;
         let s = seen.lock().unwrap();
-        let missing = want.iter().filter(|id| !s.count.contains_key(id)).count();
-        assert_eq!(missing, 0, "queue {q} lost {missing} confirmed messages");
+        assert_none_lost(&s, &want);
     }
 }
 

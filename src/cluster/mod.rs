@@ -65,7 +65,6 @@ impl AppHandler for Handler {
             AppMsg::Cancelled { owner, tag } => {
                 node.send_to_owner(owner, ChannelEvent::ConsumerCancelled { tag });
             }
-            AppMsg::Hello { .. } => {}
             AppMsg::LocalEnqueue { vhost, queue, msg } => {
                 if let Some(h) = node.queue(&vhost, &queue) {
                     let cmd = Command::Enqueue {

@@ -17,6 +17,7 @@ use super::wire::{OpReply, QueueOp, decode, encode};
 use crate::node::Node;
 use crate::queue::command::{Command, Effect, OwnerId};
 use crate::queue::config::QueueConfig;
+use crate::queue::exclusive::Exclusive;
 use crate::queue::fifo::QueueState;
 use crate::queue::runner::{QueueStats, Request, owners_of, with_delivery_count};
 use bytes::Bytes;
@@ -34,7 +35,7 @@ pub struct QueueSm {
     name: Arc<str>,
     config: Arc<QueueConfig>,
     state: QueueState,
-    exclusive_consumer: Option<(OwnerId, Arc<str>)>,
+    exclusive: Exclusive,
     stats: Arc<QueueStats>,
     /// The next time a Tick is due, set only while leading.
     deadline: watch::Sender<Option<u64>>,
@@ -63,7 +64,7 @@ impl QueueSm {
             vhost,
             name,
             config,
-            exclusive_consumer: None,
+            exclusive: Exclusive::default(),
             stats,
             deadline,
             leading: false,
@@ -73,23 +74,9 @@ impl QueueSm {
     fn apply_op(&mut self, op: QueueOp, node: Option<&Arc<Node>>) -> OpReply {
         match op {
             QueueOp::Cmd(cmd) => {
-                let gone = match &cmd {
-                    Command::Cancel { owner, tag, .. } => self
-                        .exclusive_consumer
-                        .as_ref()
-                        .is_some_and(|(o, t)| o == owner && t == tag),
-                    Command::OwnerDown { owner, .. } => self
-                        .exclusive_consumer
-                        .as_ref()
-                        .is_some_and(|(o, _)| o == owner),
-                    Command::Enqueue { .. } => {
-                        self.stats.published.fetch_add(1, Ordering::Relaxed);
-                        false
-                    }
-                    _ => false,
-                };
-                if gone {
-                    self.exclusive_consumer = None;
+                self.exclusive.observe(&cmd);
+                if matches!(cmd, Command::Enqueue { .. }) {
+                    self.stats.published.fetch_add(1, Ordering::Relaxed);
                 }
                 let fx = self.state.apply(cmd);
                 OpReply::Effects(self.carry_out(fx, node))
@@ -100,14 +87,11 @@ impl QueueSm {
                 now_ms,
             } => {
                 let consumers = self.state.counts().consumers;
-                if self.exclusive_consumer.is_some() || (exclusive && consumers > 0) {
-                    return OpReply::Consume(Err(format!(
-                        "queue '{}' in vhost '{}' in exclusive use",
-                        self.name, self.vhost
-                    )));
-                }
-                if exclusive {
-                    self.exclusive_consumer = Some((spec.owner, spec.tag.clone()));
+                if let Err(text) =
+                    self.exclusive
+                        .admit(&spec, exclusive, consumers, &self.vhost, &self.name)
+                {
+                    return OpReply::Consume(Err(text));
                 }
                 let fx = self.state.apply(Command::Consume { spec, now_ms });
                 self.carry_out(fx, node);
@@ -141,7 +125,9 @@ impl QueueSm {
                     }
                 }
                 for owner in gone {
-                    let fx = self.state.apply(Command::OwnerDown { owner, now_ms });
+                    let cmd = Command::OwnerDown { owner, now_ms };
+                    self.exclusive.observe(&cmd);
+                    let fx = self.state.apply(cmd);
                     self.carry_out(fx, node);
                 }
                 OpReply::Effects(Vec::new())
@@ -280,14 +266,14 @@ impl warren_raft::StateMachine for QueueSm {
     }
 
     fn snapshot(&self) -> Bytes {
-        encode(&(&self.state, &self.exclusive_consumer))
+        encode(&(&self.state, &self.exclusive))
     }
 
     fn restore(&mut self, snapshot: Bytes) {
-        match decode::<(QueueState, Option<(OwnerId, Arc<str>)>)>(&snapshot) {
+        match decode::<(QueueState, Exclusive)>(&snapshot) {
             Some((state, exclusive)) => {
                 self.state = state;
-                self.exclusive_consumer = exclusive;
+                self.exclusive = exclusive;
                 self.publish_stats();
             }
             None => tracing::error!(queue = %self.name, "queue snapshot does not decode"),

@@ -60,9 +60,6 @@ pub enum AppMsg {
     },
     /// The consumer was cancelled by the queue (it was deleted).
     Cancelled { owner: OwnerId, tag: Arc<str> },
-    /// Sent to a peer when it comes up: every owner id of the sender below
-    /// `floor` belongs to an earlier run of it and is gone.
-    Hello { floor: u64 },
     /// A publish routed to a node-local queue that lives on the receiver.
     LocalEnqueue {
         vhost: Arc<str>,

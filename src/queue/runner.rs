@@ -11,6 +11,7 @@
 
 use super::command::{Command, ConsumerSpec, Effect, OwnerId, QueueCounts};
 use super::config::QueueConfig;
+use super::exclusive::Exclusive;
 use super::fifo::QueueState;
 use crate::message::Message;
 use crate::node::{ChannelEvent, Node};
@@ -147,7 +148,7 @@ pub fn spawn(
         state: QueueState::new((*config).clone(), crate::node::now_ms()),
         auto_delete,
         had_consumer: false,
-        exclusive_consumer: None,
+        exclusive: Exclusive::default(),
     };
     tokio::spawn(runner.run(rx));
     handle
@@ -160,7 +161,7 @@ struct Runner {
     auto_delete: bool,
     /// Auto-delete applies only once a consumer has come and gone.
     had_consumer: bool,
-    exclusive_consumer: Option<(OwnerId, Arc<str>)>,
+    exclusive: Exclusive,
 }
 
 impl Runner {
@@ -211,24 +212,7 @@ impl Runner {
     fn serve(&mut self, req: Request) -> bool {
         match req {
             Request::Apply(cmd, reply) => {
-                if let Command::Cancel { owner, tag, .. } = &cmd {
-                    if self
-                        .exclusive_consumer
-                        .as_ref()
-                        .is_some_and(|(o, t)| o == owner && t == tag)
-                    {
-                        self.exclusive_consumer = None;
-                    }
-                }
-                if let Command::OwnerDown { owner, .. } = &cmd {
-                    if self
-                        .exclusive_consumer
-                        .as_ref()
-                        .is_some_and(|(o, _)| o == owner)
-                    {
-                        self.exclusive_consumer = None;
-                    }
-                }
+                self.exclusive.observe(&cmd);
                 if matches!(cmd, Command::Enqueue { .. }) {
                     self.handle.stats.published.fetch_add(1, Ordering::Relaxed);
                 }
@@ -241,15 +225,15 @@ impl Runner {
                 reply,
             } => {
                 let consumers = self.state.counts().consumers;
-                if self.exclusive_consumer.is_some() || (exclusive && consumers > 0) {
-                    let _ = reply.send(Err(format!(
-                        "queue '{}' in vhost '{}' in exclusive use",
-                        self.handle.name, self.handle.vhost
-                    )));
+                if let Err(text) = self.exclusive.admit(
+                    &spec,
+                    exclusive,
+                    consumers,
+                    &self.handle.vhost,
+                    &self.handle.name,
+                ) {
+                    let _ = reply.send(Err(text));
                     return false;
-                }
-                if exclusive {
-                    self.exclusive_consumer = Some((spec.owner, spec.tag.clone()));
                 }
                 self.had_consumer = true;
                 // The reply goes first so that consume-ok precedes deliveries.
@@ -268,7 +252,9 @@ impl Runner {
             Request::NodeGone { node, below } => {
                 let now = crate::node::now_ms();
                 for owner in owners_of(&self.state.owners(), node, below) {
-                    let effects = self.state.apply(Command::OwnerDown { owner, now_ms: now });
+                    let cmd = Command::OwnerDown { owner, now_ms: now };
+                    self.exclusive.observe(&cmd);
+                    let effects = self.state.apply(cmd);
                     if self.carry_out(effects, None) {
                         return true;
                     }
