@@ -15,7 +15,7 @@
 use crate::broker::error::BrokerError;
 use crate::broker::metadata::{ConnId, MetaCommand, MetaOutcome, Metadata, Placement, QueueDef};
 use crate::cluster::meta_sm::{META_GROUP, MetaSm};
-use crate::cluster::proxy::PROPOSE_TIMEOUT;
+use crate::cluster::proxy::{PROPOSE_TIMEOUT, Target};
 use crate::cluster::queue_sm::QueueSm;
 use crate::cluster::wire::{AppMsg, decode, encode};
 use crate::config::Config;
@@ -75,6 +75,27 @@ type ConsumerRef = (OwnerId, Arc<str>);
 /// Events for a connection, tagged with the channel they are for.
 pub type ConnEvents = mpsc::UnboundedSender<(u16, ChannelEvent)>;
 
+/// Notices held for one unreachable node, at most.
+const MAX_HELD_CANCELS: usize = 65_536;
+
+/// The node a channel (owner) lives on: its id is in the top 16 bits.
+pub fn owner_node(owner: OwnerId) -> u64 {
+    owner >> 48
+}
+
+/// What became of a delivery handed to [`Node::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    /// On its way to the channel.
+    Sent,
+    /// The channel is on this node and gone: its messages go back.
+    OwnerGone,
+    /// The channel's node could not be reached: the message never left,
+    /// so the queue takes it back and drops the consumer, which is told
+    /// once its node can be reached.
+    NotSent,
+}
+
 /// One Warren node.
 pub struct Node {
     pub config: Config,
@@ -100,7 +121,8 @@ pub struct Node {
     pub ready: watch::Sender<bool>,
     /// Index of the last metadata entry this node applied.
     pub meta_applied: watch::Sender<u64>,
-    /// Consumer cancellations waiting for their node to be reachable.
+    /// Consumer cancellations waiting for their node to be reachable, by
+    /// node.
     pending_cancels: std::sync::Mutex<HashMap<u64, Vec<ConsumerRef>>>,
 }
 
@@ -329,7 +351,7 @@ impl Node {
                     Arc::from(vhost),
                     Arc::from(def.name.as_str()),
                     config,
-                    group,
+                    Target::Group(group),
                 );
                 if def.placement.replicas.contains(&self.node_id()) {
                     let sm = QueueSm::new(
@@ -349,9 +371,18 @@ impl Node {
                 }
                 h
             }
-            // A node-local queue declared on another node: nothing runs here
-            // (publishes routed to it are forwarded to its home).
-            None if def.placement.home != 0 && def.placement.home != self.node_id() => return,
+            // A node-local queue declared on another node runs there; this
+            // node's handle forwards every request to it, so that any node
+            // serves every queue.
+            None if def.placement.home != 0 && def.placement.home != self.node_id() => {
+                crate::cluster::proxy::spawn(
+                    self.clone(),
+                    Arc::from(vhost),
+                    Arc::from(def.name.as_str()),
+                    config,
+                    Target::Home(def.placement.home),
+                )
+            }
             None => runner::spawn(
                 self.clone(),
                 Arc::from(vhost),
@@ -368,56 +399,88 @@ impl Node {
             .insert(handle.name.clone(), handle);
     }
 
-    /// Where a node-local queue lives, when it is on another node.
-    pub fn remote_home(&self, vhost: &str, name: &str) -> Option<u64> {
-        let meta = self.meta();
-        let def = meta.queue(vhost, name)?;
-        (def.placement.group.is_none()
-            && def.placement.home != 0
-            && def.placement.home != self.node_id())
-        .then_some(def.placement.home)
-    }
-
-    /// Sends a publish to a node-local queue on another node.
-    pub fn forward_enqueue(&self, home: u64, vhost: &str, name: &str, msg: Message) {
-        self.raft.send(
+    /// Tells a consumer's channel, on this node or another, that the queue
+    /// dropped its consumer (consumer cancel notification). A notice for a
+    /// node that cannot be reached now is held and sent once it can.
+    pub fn cancel_consumer(&self, owner: OwnerId, tag: Arc<str>) {
+        let home = owner_node(owner);
+        if home == self.node_id() {
+            self.send_to_owner(owner, ChannelEvent::ConsumerCancelled { tag });
+        } else if !self.raft.send(
             home,
-            encode(&AppMsg::LocalEnqueue {
-                vhost: Arc::from(vhost),
-                queue: Arc::from(name),
-                msg,
+            encode(&AppMsg::Cancelled {
+                owner,
+                tag: tag.clone(),
             }),
-        );
+        ) {
+            self.cancel_when_reachable(owner, tag);
+        }
     }
 
-    /// Tells a consumer's channel on another node that the queue dropped
-    /// its consumer; held until that node is reachable (it was declared
-    /// down when this was decided) and sent when it comes back.
+    /// Holds a consumer cancellation for a node that cannot be reached now
+    /// (it was declared down, or its link is not up); [`Node::flush_cancels`]
+    /// sends it when the node can be reached again.
     pub fn cancel_when_reachable(&self, owner: OwnerId, tag: Arc<str>) {
-        self.pending_cancels
+        let mut held = self
+            .pending_cancels
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(owner >> 48)
-            .or_default()
-            .push((owner, tag));
+            .unwrap_or_else(|e| e.into_inner());
+        let list = held.entry(owner_node(owner)).or_default();
+        // Bounded: a node unreachable for long gets at most this many
+        // notices; past that its clients find their channels closed anyway
+        // once its connections to the cluster are gone.
+        if list.len() < MAX_HELD_CANCELS && !list.iter().any(|(o, t)| *o == owner && *t == tag) {
+            list.push((owner, tag));
+        }
     }
 
-    /// Sends what `cancel_when_reachable` held for `peer`.
-    pub fn peer_reachable(&self, peer: u64) {
+    /// Sends what `cancel_when_reachable` held for `peer`; what its link
+    /// does not take stays held for the next try.
+    pub fn flush_cancels(&self, peer: u64) {
         let held = self
             .pending_cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&peer)
             .unwrap_or_default();
+        let mut kept = Vec::new();
         for (owner, tag) in held {
-            self.raft
-                .send(peer, encode(&AppMsg::Cancelled { owner, tag }));
+            if !kept.is_empty()
+                || !self.raft.send(
+                    peer,
+                    encode(&AppMsg::Cancelled {
+                        owner,
+                        tag: tag.clone(),
+                    }),
+                )
+            {
+                kept.push((owner, tag));
+            }
+        }
+        if !kept.is_empty() {
+            let mut held = self
+                .pending_cancels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let list = held.entry(peer).or_default();
+            kept.append(list);
+            *list = kept;
         }
     }
 
-    /// Hands a delivery to the consumer's channel, on this node or another.
-    /// False when the channel is on this node and gone.
+    /// The peers with held cancellations.
+    pub fn peers_with_held_cancels(&self) -> Vec<u64> {
+        self.pending_cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Hands a delivery to the consumer's channel, on this node or another,
+    /// and says whether it left: a delivery that was not handed over must
+    /// go back to the queue, or the consumer's credit leaks.
     #[allow(clippy::too_many_arguments)]
     pub fn deliver(
         &self,
@@ -428,21 +491,22 @@ impl Node {
         id: MsgId,
         msg: Message,
         redelivered: bool,
-    ) -> bool {
-        let home = owner >> 48;
+    ) -> Handover {
+        let home = owner_node(owner);
         if home == self.node_id() {
-            return self.send_to_owner(
-                owner,
-                ChannelEvent::Deliver {
-                    queue: queue.clone(),
-                    tag,
-                    id,
-                    msg,
-                    redelivered,
-                },
-            );
+            let ev = ChannelEvent::Deliver {
+                queue: queue.clone(),
+                tag,
+                id,
+                msg,
+                redelivered,
+            };
+            return match self.send_to_owner(owner, ev) {
+                true => Handover::Sent,
+                false => Handover::OwnerGone,
+            };
         }
-        self.raft.send(
+        let sent = self.raft.send(
             home,
             encode(&AppMsg::Deliver {
                 owner,
@@ -454,7 +518,21 @@ impl Node {
                 redelivered,
             }),
         );
-        true
+        match sent {
+            true => Handover::Sent,
+            false => Handover::NotSent,
+        }
+    }
+
+    /// A direct reply-to response for the channel `owner`, on this node or
+    /// another; false when it could not be handed over.
+    pub fn direct_reply(&self, owner: OwnerId, msg: Message) -> bool {
+        let home = owner_node(owner);
+        if home == self.node_id() {
+            return self.send_to_owner(owner, ChannelEvent::DirectReply { msg });
+        }
+        self.raft
+            .send(home, encode(&AppMsg::DirectReply { owner, msg }))
     }
 
     /// The runner of a queue, if it exists.

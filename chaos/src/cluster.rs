@@ -187,7 +187,7 @@ impl Cluster {
             .arg(&s.data)
             .args(["--peers", &self.layout.peers_for(id)])
             .env("WARREN_CLUSTER_SECRET", SECRET)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))

@@ -617,17 +617,21 @@ impl RaftNode {
         self.app.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// One-way app message (ordered per peer, best effort: dropped while
-    /// the peer is unreachable).
-    pub fn send(&self, to: NodeId, msg: Bytes) {
+    /// One-way app message, ordered per peer. Returns false when it was
+    /// not handed to a live connection (the peer is not connected, or its
+    /// send queue is full): the caller decides what a message that never
+    /// left means, since nothing else will tell it.
+    #[must_use = "a one-way message may be dropped; the caller must handle that"]
+    pub fn send(&self, to: NodeId, msg: Bytes) -> bool {
         if to == self.me {
             if let Some(app) = self.app() {
                 app.on_message(self.me, msg);
+                return true;
             }
-            return;
+            return false;
         }
         self.transport
-            .send_frame(to, crate::wire::Frame::Message(msg));
+            .send_frame(to, crate::wire::Frame::Message(msg))
     }
 
     /// An app request to `to`, answered by its [`AppHandler::on_call`].

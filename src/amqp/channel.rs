@@ -1054,10 +1054,9 @@ impl Conn {
                 .as_str()
                 .strip_prefix(&format!("{REPLY_TO}."))
             {
-                let delivered = u64::from_str_radix(owner, 16).ok().is_some_and(|o| {
-                    self.node
-                        .send_to_owner(o, ChannelEvent::DirectReply { msg: msg.clone() })
-                });
+                let delivered = u64::from_str_radix(owner, 16)
+                    .ok()
+                    .is_some_and(|o| self.node.direct_reply(o, msg.clone()));
                 if !delivered && publish.mandatory {
                     self.basic_return(ch, &msg, reply::NO_ROUTE, "NO_ROUTE");
                 }
@@ -1133,16 +1132,7 @@ impl Conn {
                     ))
                     .await
                     .is_ok(),
-                // A node-local queue on another node: forwarded, and
-                // confirmed once handed over (the queue is not replicated).
-                None => match self.node.remote_home(&self.vhost, name) {
-                    Some(home) => {
-                        self.node
-                            .forward_enqueue(home, &self.vhost, name, msg.clone());
-                        false
-                    }
-                    None => false,
-                },
+                None => false,
             };
             if !sent {
                 // The queue was deleted between routing and enqueue: as if
@@ -1259,17 +1249,20 @@ impl Conn {
                 redelivered,
             } => {
                 let Some(info) = c.consumers.get(&tag).filter(|_| !c.closing) else {
-                    // Cancelled meanwhile: the message goes back.
+                    // Cancelled meanwhile: the message goes back, even when
+                    // the queue's inbox is full (or its credit would leak).
                     if let Some(h) = self.node.queue(&self.vhost, &queue) {
-                        let owner = c.owner;
-                        let _ = h.try_send(Request::Apply(
+                        let ret = Request::Apply(
                             Command::Return {
-                                owner,
+                                owner: c.owner,
                                 ids: vec![id],
                                 now_ms: now_ms(),
                             },
                             None,
-                        ));
+                        );
+                        if let Err(req) = h.try_send(ret) {
+                            tokio::spawn(async move { h.send(*req).await });
+                        }
                     }
                     return;
                 };

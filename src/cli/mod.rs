@@ -145,13 +145,21 @@ impl ServerArgs {
     }
 }
 
-/// Sets up logging: `RUST_LOG` wins, then `--log-level`, then `info`.
+/// The default log filter. openraft reports every failed RPC of every group
+/// at WARN (a vote sent to a node still opening its groups, a replication
+/// call to a restarting peer); with a thousand groups a restart would write
+/// tens of thousands of lines, so only its errors show. Warren logs what a
+/// restart or an election round amounts to, once per node.
+pub const DEFAULT_LOG: &str = "info,openraft=error";
+
+/// Sets up logging: `RUST_LOG` wins, then `--log-level`, then
+/// [`DEFAULT_LOG`].
 pub fn init_logging(level: Option<&str>, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .ok()
         .or_else(|| level.and_then(|l| EnvFilter::try_new(l).ok()))
-        .unwrap_or_else(|| EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_LOG));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

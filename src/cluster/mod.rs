@@ -18,14 +18,14 @@ pub mod queue_sm;
 pub mod wire;
 
 use crate::node::{ChannelEvent, Node};
-use crate::queue::command::Command;
 use crate::queue::runner::Request;
 use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Weak;
+use tokio::sync::oneshot;
 use warren_raft::{AppHandler, NodeId, PeerEvent};
-use wire::{AppMsg, decode};
+use wire::{AppCall, AppMsg, OpReply, QueueOp, decode, encode};
 
 /// Receives other nodes' one-way messages.
 pub struct Handler {
@@ -65,42 +65,108 @@ impl AppHandler for Handler {
             AppMsg::Cancelled { owner, tag } => {
                 node.send_to_owner(owner, ChannelEvent::ConsumerCancelled { tag });
             }
-            AppMsg::LocalEnqueue { vhost, queue, msg } => {
-                if let Some(h) = node.queue(&vhost, &queue) {
-                    let cmd = Command::Enqueue {
-                        msg,
-                        confirm: None,
-                        now_ms: crate::node::now_ms(),
-                    };
-                    tokio::spawn(async move {
-                        let _ = h.send(Request::Apply(cmd, None)).await;
-                    });
-                }
+            AppMsg::DirectReply { owner, msg } => {
+                node.send_to_owner(owner, ChannelEvent::DirectReply { msg });
             }
         }
     }
 
-    fn on_call(&self, _from: NodeId, _msg: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> {
-        Box::pin(async { Bytes::new() })
+    fn on_call(&self, from: NodeId, msg: Bytes) -> Pin<Box<dyn Future<Output = Bytes> + Send>> {
+        let node = self.node.upgrade();
+        Box::pin(async move {
+            let Some(node) = node else {
+                return encode(&None::<Vec<OpReply>>);
+            };
+            match decode::<AppCall>(&msg) {
+                Some(AppCall::QueueOps { vhost, queue, ops }) => {
+                    encode(&serve_queue_ops(&node, &vhost, &queue, ops).await)
+                }
+                None => {
+                    tracing::debug!(from, "undecodable call from a peer");
+                    encode(&None::<Vec<OpReply>>)
+                }
+            }
+        })
     }
 }
 
+/// Carries out another node's operations on a node-local queue that runs
+/// here, in order, and collects one reply per operation. None when the
+/// queue does not run here (deleted meanwhile): the caller then treats the
+/// queue as gone.
+async fn serve_queue_ops(
+    node: &Node,
+    vhost: &str,
+    queue: &str,
+    ops: Vec<QueueOp>,
+) -> Option<Vec<OpReply>> {
+    let h = node
+        .queue(vhost, queue)
+        .filter(|h| h.home.is_none() && h.group.is_none())?;
+    let mut replies = Vec::with_capacity(ops.len());
+    for op in ops {
+        let reply = match op {
+            QueueOp::Cmd(cmd) => {
+                let (tx, rx) = oneshot::channel();
+                h.send(Request::Apply(cmd, Some(tx))).await.ok()?;
+                OpReply::Effects(rx.await.ok()?)
+            }
+            QueueOp::Consume {
+                spec, exclusive, ..
+            } => {
+                let (tx, rx) = oneshot::channel();
+                h.send(Request::Consume {
+                    spec,
+                    exclusive,
+                    reply: tx,
+                })
+                .await
+                .ok()?;
+                OpReply::Consume(rx.await.ok()?)
+            }
+            QueueOp::Counts => OpReply::Counts(h.counts().await?),
+            QueueOp::NodeGone { node: n, below, .. } => {
+                h.send(Request::NodeGone { node: n, below }).await.ok()?;
+                OpReply::Effects(Vec::new())
+            }
+        };
+        replies.push(reply);
+    }
+    Some(replies)
+}
+
+/// How often held consumer cancellations are offered to their nodes' links
+/// again (a link that was reconnecting takes them once it is up).
+const CANCEL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Follows the failure detector: when a node goes down, the queues this
-/// node leads give back what that node's channels held (their consumers are
-/// gone with it).
+/// node leads, and the node-local queues that run here, give back what that
+/// node's channels held (their consumers are gone with it).
 pub async fn watch_peers(node: Weak<Node>) {
     let Some(mut events) = node.upgrade().map(|n| n.raft().peer_events()) else {
         return;
     };
+    let mut retry = tokio::time::interval(CANCEL_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let ev = match events.recv().await {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = retry.tick() => {
+                let Some(node) = node.upgrade() else { return };
+                for peer in node.peers_with_held_cancels() {
+                    node.flush_cancels(peer);
+                }
+                continue;
+            }
+        };
+        let ev = match ev {
             Ok(ev) => ev,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         };
         let Some(node) = node.upgrade() else { return };
         if let PeerEvent::Up(peer) | PeerEvent::Restarted(peer) = ev {
-            node.peer_reachable(peer);
+            node.flush_cancels(peer);
         }
         if let PeerEvent::Down(peer) = ev {
             // A node that cannot reach a majority is more likely cut off
@@ -113,12 +179,18 @@ pub async fn watch_peers(node: Weak<Node>) {
             }
             tracing::info!(peer, "peer down: returning its channels' messages");
             for h in node.all_queues() {
-                let Some(group) = h.group else { continue };
-                if node.raft().is_leader(group) {
-                    let _ = h.try_send(Request::NodeGone {
+                let serves = match h.group {
+                    Some(group) => node.raft().is_leader(group),
+                    None => h.home.is_none(),
+                };
+                if serves {
+                    let gone = Request::NodeGone {
                         node: peer,
                         below: None,
-                    });
+                    };
+                    if let Err(req) = h.try_send(gone) {
+                        tokio::spawn(async move { h.send(*req).await });
+                    }
                 }
             }
         }

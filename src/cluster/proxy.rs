@@ -1,9 +1,13 @@
-//! How a node reaches a replicated queue: a task per queue on every node
-//! that turns the queue requests of its channels into Raft proposals.
+//! How a node reaches a queue that does not run on it: a task per queue
+//! that turns the queue requests of this node's channels into batches sent
+//! where the queue is. For a replicated queue (on every node) a batch is a
+//! Raft proposal; for a node-local queue that lives on another node (its
+//! *home*) a batch is a call to the home node, which hands the operations to
+//! the queue's runner there and answers with their replies.
 //!
 //! It drains its inbox into one batch, proposes the batch as one log entry
-//! (to the local leader, or forwarded to the leader's node), waits for the
-//! entry to be committed and applied, and hands each request its answer. One
+//! (to the local leader, or forwarded to the leader's node) or sends it to
+//! the home node, waits for the answer, and hands each request its own. One
 //! batch is in flight at a time, which keeps every channel's commands in the
 //! order they were sent and lets the batch grow while the previous one is
 //! being replicated: under load a proposal carries hundreds of publishes for
@@ -13,7 +17,7 @@
 //! proposal fails (no majority within the timeout) the publisher gets a
 //! `basic.nack`, since the outcome is unknown.
 
-use super::wire::{OpReply, QueueOp, decode, encode};
+use super::wire::{AppCall, OpReply, QueueOp, decode, encode};
 use crate::node::{ChannelEvent, Node};
 use crate::queue::command::{Command, ConfirmRef, Effect, QueueCounts};
 use crate::queue::config::QueueConfig;
@@ -38,28 +42,82 @@ enum Waiter {
     None,
 }
 
-/// Starts the proxy of a replicated queue on this node.
+/// Where a proxy sends its batches.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// A replicated queue: proposals to its Raft group.
+    Group(u64),
+    /// A node-local queue on another node: calls to that node.
+    Home(u64),
+}
+
+/// Starts the proxy of a queue that does not run on this node.
 pub fn spawn(
     node: Arc<Node>,
     vhost: Arc<str>,
     name: Arc<str>,
     config: QueueConfig,
-    group: u64,
+    target: Target,
 ) -> QueueHandle {
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let (group, home) = match target {
+        Target::Group(g) => (Some(g), None),
+        Target::Home(h) => (None, Some(h)),
+    };
     let handle = QueueHandle::new(
         vhost,
         name,
         Arc::new(config),
         Arc::new(QueueStats::default()),
         tx,
-        Some(group),
+        group,
+        home,
     );
-    tokio::spawn(run(node, handle.clone(), group, rx));
+    tokio::spawn(run(node, handle.clone(), target, rx));
     handle
 }
 
-async fn run(node: Arc<Node>, handle: QueueHandle, group: u64, mut rx: mpsc::Receiver<Request>) {
+/// Sends one batch where the queue is and returns its replies, one per
+/// operation, or None when the outcome is unknown.
+async fn send_batch(
+    node: &Node,
+    handle: &QueueHandle,
+    target: Target,
+    ops: &[QueueOp],
+) -> Option<Vec<OpReply>> {
+    let result = match target {
+        Target::Group(group) => {
+            node.raft()
+                .propose(group, encode(&ops), PROPOSE_TIMEOUT)
+                .await
+        }
+        Target::Home(home) => {
+            let call = AppCall::QueueOps {
+                vhost: handle.vhost.clone(),
+                queue: handle.name.clone(),
+                ops: ops.to_vec(),
+            };
+            node.raft().call(home, encode(&call), PROPOSE_TIMEOUT).await
+        }
+    };
+    match result {
+        Ok(bytes) => match target {
+            Target::Group(_) => decode::<Vec<OpReply>>(&bytes),
+            Target::Home(_) => decode::<Option<Vec<OpReply>>>(&bytes).flatten(),
+        },
+        Err(e) => {
+            tracing::debug!(queue = %handle.name, "batch failed: {e}");
+            None
+        }
+    }
+}
+
+async fn run(
+    node: Arc<Node>,
+    handle: QueueHandle,
+    target: Target,
+    mut rx: mpsc::Receiver<Request>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         if rx.recv_many(&mut batch, BATCH).await == 0 {
@@ -109,18 +167,7 @@ async fn run(node: Arc<Node>, handle: QueueHandle, group: u64, mut rx: mpsc::Rec
             }
         }
         if !ops.is_empty() {
-            let result = node
-                .raft()
-                .propose(group, encode(&ops), PROPOSE_TIMEOUT)
-                .await;
-            let replies = match result {
-                Ok(bytes) => decode::<Vec<OpReply>>(&bytes),
-                Err(e) => {
-                    tracing::warn!(queue = %handle.name, "proposal failed: {e}");
-                    None
-                }
-            };
-            match replies {
+            match send_batch(&node, &handle, target, &ops).await {
                 Some(replies) if replies.len() == waiters.len() => {
                     for (w, r) in waiters.into_iter().zip(replies) {
                         answer(&node, w, r);

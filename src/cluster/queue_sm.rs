@@ -14,7 +14,7 @@
 //! because the previous leader may have died before they left it.
 
 use super::wire::{OpReply, QueueOp, decode, encode};
-use crate::node::Node;
+use crate::node::{Handover, Node};
 use crate::queue::command::{Command, Effect, OwnerId};
 use crate::queue::config::QueueConfig;
 use crate::queue::exclusive::Exclusive;
@@ -152,9 +152,24 @@ impl QueueSm {
                     let Some(node) = node else { continue };
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     let msg = with_delivery_count(&self.config, msg, delivery_count);
-                    if !node.deliver(owner, &self.vhost, &self.name, tag, id, msg, redelivered) {
+                    match node.deliver(owner, &self.vhost, &self.name, tag, id, msg, redelivered) {
+                        Handover::Sent => {}
                         // The channel is gone: its messages go back at once.
-                        owner_down_later(node, &self.vhost, &self.name, owner);
+                        Handover::OwnerGone => {
+                            owner_down_later(node, &self.vhost, &self.name, owner)
+                        }
+                        // Its node cannot be reached: the message never left.
+                        // The channel loses its consumers here (told once its
+                        // node is reachable) and its messages go back, so no
+                        // credit is held by deliveries nobody will receive.
+                        Handover::NotSent => {
+                            for (o, tag) in self.state.consumers() {
+                                if o == owner {
+                                    node.cancel_when_reachable(o, tag);
+                                }
+                            }
+                            owner_down_later(node, &self.vhost, &self.name, owner);
+                        }
                     }
                 }
                 Effect::DeadLetter { msg, reason } => {
@@ -199,7 +214,7 @@ impl QueueSm {
             .state
             .owners()
             .iter()
-            .map(|o| o >> 48)
+            .map(|o| crate::node::owner_node(*o))
             .filter(|n| *n != node.node_id() && view.get(n) == Some(&false))
             .collect();
         gone.sort_unstable();

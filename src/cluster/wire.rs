@@ -1,7 +1,8 @@
 //! What Warren's nodes say to each other above Raft: the batched commands a
 //! replicated queue's log holds, the replies its leader sends back to the
-//! proposer, and the one-way messages that carry deliveries to the node
-//! where the consumer's channel lives.
+//! proposer, the one-way messages that carry deliveries to the node where
+//! the consumer's channel lives, and the calls by which any node reaches a
+//! node-local queue on another node.
 //!
 //! Everything is serde data encoded with bincode; a payload that does not
 //! decode is dropped (and logged by the caller), never a panic.
@@ -60,11 +61,20 @@ pub enum AppMsg {
     },
     /// The consumer was cancelled by the queue (it was deleted).
     Cancelled { owner: OwnerId, tag: Arc<str> },
-    /// A publish routed to a node-local queue that lives on the receiver.
-    LocalEnqueue {
+    /// A direct reply-to response for a channel on the receiving node.
+    DirectReply { owner: OwnerId, msg: Message },
+}
+
+/// Requests between nodes that wait for an answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum AppCall {
+    /// Operations on a node-local queue that lives on the receiver, sent by
+    /// another node's handle of it; answered with `Option<Vec<OpReply>>`,
+    /// one reply per operation (None when the queue is not there).
+    QueueOps {
         vhost: Arc<str>,
         queue: Arc<str>,
-        msg: Message,
+        ops: Vec<QueueOp>,
     },
 }
 

@@ -14,7 +14,7 @@ use super::config::QueueConfig;
 use super::exclusive::Exclusive;
 use super::fifo::QueueState;
 use crate::message::Message;
-use crate::node::{ChannelEvent, Node};
+use crate::node::{ChannelEvent, Handover, Node};
 use amq_protocol::types::{AMQPValue, ShortString};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,6 +69,9 @@ pub struct QueueHandle {
     tx: mpsc::Sender<Request>,
     /// The Raft group of a replicated queue; None for a node-local one.
     pub group: Option<u64>,
+    /// For a node-local queue that lives on another node: that node, to
+    /// which this handle forwards every request.
+    pub home: Option<u64>,
 }
 
 impl QueueHandle {
@@ -79,6 +82,7 @@ impl QueueHandle {
         stats: Arc<QueueStats>,
         tx: mpsc::Sender<Request>,
         group: Option<u64>,
+        home: Option<u64>,
     ) -> QueueHandle {
         QueueHandle {
             vhost,
@@ -87,6 +91,7 @@ impl QueueHandle {
             stats,
             tx,
             group,
+            home,
         }
     }
 
@@ -141,6 +146,7 @@ pub fn spawn(
         stats: Arc::new(QueueStats::default()),
         tx,
         group: None,
+        home: None,
     };
     let runner = Runner {
         node,
@@ -251,7 +257,18 @@ impl Runner {
             Request::Stop => true,
             Request::NodeGone { node, below } => {
                 let now = crate::node::now_ms();
-                for owner in owners_of(&self.state.owners(), node, below) {
+                let gone = owners_of(&self.state.owners(), node, below);
+                if below.is_none() {
+                    // The node may only be cut off, its channels alive: they
+                    // are told once it is reachable (as a replicated queue
+                    // does).
+                    for (owner, tag) in self.state.consumers() {
+                        if gone.contains(&owner) {
+                            self.node.cancel_when_reachable(owner, tag);
+                        }
+                    }
+                }
+                for owner in gone {
                     let cmd = Command::OwnerDown { owner, now_ms: now };
                     self.exclusive.observe(&cmd);
                     let effects = self.state.apply(cmd);
@@ -272,6 +289,7 @@ impl Runner {
     ) -> bool {
         let mut replies = Vec::new();
         let mut gone_owners = Vec::new();
+        let mut unreachable = Vec::new();
         for e in effects {
             match e {
                 Effect::Deliver {
@@ -284,17 +302,24 @@ impl Runner {
                 } => {
                     self.handle.stats.delivered.fetch_add(1, Ordering::Relaxed);
                     let msg = self.with_delivery_count(msg, delivery_count);
-                    let ev = ChannelEvent::Deliver {
-                        queue: self.handle.name.clone(),
+                    let sent = self.node.deliver(
+                        owner,
+                        &self.handle.vhost,
+                        &self.handle.name,
                         tag,
                         id,
                         msg,
                         redelivered,
-                    };
-                    if !self.node.send_to_owner(owner, ev) {
-                        gone_owners.push(owner);
+                    );
+                    match sent {
+                        Handover::Sent => {}
+                        Handover::OwnerGone => gone_owners.push(owner),
+                        Handover::NotSent => unreachable.push(owner),
                     }
                 }
+                // A publish forwarded from another node is confirmed there,
+                // by the forwarding node, from the reply.
+                e @ Effect::Confirm { .. } if reply.is_some() => replies.push(e),
                 Effect::Confirm { confirm, accepted } => {
                     self.node.send_to_owner(
                         confirm.owner,
@@ -343,6 +368,17 @@ impl Runner {
         if let Some(r) = reply {
             let _ = r.send(replies);
         }
+        // A channel that a delivery could not reach loses its consumers of
+        // this queue (told when its node can be reached again), and what it
+        // held goes back like a gone channel's.
+        unreachable.sort_unstable();
+        unreachable.dedup();
+        for (owner, tag) in self.state.consumers() {
+            if unreachable.contains(&owner) {
+                self.node.cancel_when_reachable(owner, tag);
+            }
+        }
+        gone_owners.extend(unreachable);
         // A delivery to a channel that has gone away goes back to the queue
         // at once rather than waiting for the channel's cleanup.
         gone_owners.sort_unstable();
@@ -380,8 +416,7 @@ impl Runner {
     /// (consumer cancel notification).
     fn cancel_all_consumers(&mut self) {
         for (owner, tag) in self.state.consumers() {
-            self.node
-                .send_to_owner(owner, ChannelEvent::ConsumerCancelled { tag });
+            self.node.cancel_consumer(owner, tag);
         }
         self.handle.stats.consumers.store(0, Ordering::Relaxed);
     }
@@ -409,7 +444,7 @@ pub fn owners_of(owners: &[OwnerId], node: u64, below: Option<u64>) -> Vec<Owner
     owners
         .iter()
         .copied()
-        .filter(|&o| o >> 48 == node && below.is_none_or(|f| o < f))
+        .filter(|&o| crate::node::owner_node(o) == node && below.is_none_or(|f| o < f))
         .collect()
 }
 

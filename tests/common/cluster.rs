@@ -81,7 +81,7 @@ impl Cluster {
             .args(["--data-dir", s.data.to_str().unwrap()])
             .args(["--peers", &self.peers()])
             .env("WARREN_CLUSTER_SECRET", SECRET)
-            .env("RUST_LOG", "info,openraft=warn")
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

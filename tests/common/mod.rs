@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod cluster;
 
 use bytes::BytesMut;
@@ -53,7 +54,7 @@ impl Server {
             .args(["--data-dir", dir.path().to_str().unwrap()])
             .args(extra)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info,openraft=warn")
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

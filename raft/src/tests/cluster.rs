@@ -275,7 +275,10 @@ async fn app_messages_and_calls_round_trip() {
         .unwrap();
     assert_eq!(reply, Bytes::from_static(b"2:self"));
     for i in 0..50 {
-        c.nodes[1].send(1, Bytes::from(format!("m{i}")));
+        assert!(
+            c.nodes[1].send(1, Bytes::from(format!("m{i}"))),
+            "handed to the link"
+        );
     }
     eventually("fifty messages arrive in order", LIMIT, || {
         echoes[0].messages.lock().unwrap().len() == 50

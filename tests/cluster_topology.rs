@@ -1,0 +1,629 @@
+//! A 3-node cluster used the way users run it: hundreds of idle queues
+//! beside the busy ones, clients on other nodes than the queues' leaders
+//! and homes, dead letters and replies that cross nodes. Each test here is a
+//! fault a single node never shows.
+
+mod common;
+
+use common::clients::*;
+use common::cluster::Cluster;
+use futures_lite::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Declares `n` idle quorum queues, spread over the nodes' connections.
+async fn idle_queues(c: &Cluster, n: usize) {
+    for node in 0..3 {
+        let conn = connect(&c.uri(node)).await;
+        let ch = conn.create_channel().await.unwrap();
+        for k in (node..n).step_by(3) {
+            declare(&ch, &format!("idle-{k}")).await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+}
+
+/// Lines at WARN or above that a node wrote since `from`.
+fn warnings_since(c: &Cluster, i: usize, from: usize) -> Vec<String> {
+    c.log(i)
+        .into_iter()
+        .skip(from)
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect()
+}
+
+/// Publishes ids from `ids` with confirms in windows of 100 through any
+/// node, starting at `first` and moving on when a connection fails, until
+/// `stop` is set; every acked id goes into `acked`.
+async fn keep_publishing(
+    uris: Vec<String>,
+    queue: &'static str,
+    mut ids: std::ops::Range<u64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<BTreeSet<u64>>>,
+) {
+    let mut attempt = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && !ids.is_empty() {
+        let uri = &uris[attempt % uris.len()];
+        attempt += 1;
+        let Ok(Ok(conn)) = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(uri, lapin::ConnectionProperties::default()),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        if ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && !ids.is_empty() {
+            let from = ids.start;
+            let to = (from + 100).min(ids.end);
+            let window = tokio::time::timeout(
+                Duration::from_secs(15),
+                publish_confirmed(&ch, queue, from..to, 100),
+            )
+            .await;
+            match window {
+                Ok(Ok(got)) => {
+                    acked.lock().unwrap().extend(got);
+                    ids.start = to;
+                }
+                // The outcome of this window is unknown: its ids are not
+                // reused, and not counted as confirmed.
+                _ => {
+                    ids.start = to;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_restart_with_hundreds_of_idle_queues_resumes_deliveries_at_once() {
+    let mut c = Cluster::start(3);
+    idle_queues(&c, 240).await;
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "work").await;
+    // A deep backlog, as when consumers fell behind.
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let backlog = publish_confirmed(&ch, "work", 9_000_000..9_030_000, 1_000)
+        .await
+        .expect("the backlog");
+    drop(ch);
+    drop(conn);
+    let uris: Vec<String> = (0..3).map(|i| c.uri(i)).collect();
+    let rotated = |k: usize| -> Vec<String> { (0..3).map(|i| uris[(i + k) % 3].clone()).collect() };
+
+    // Publishers and consumers on every node, running through the restart.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let publishers: Vec<_> = (0..3u64)
+        .map(|k| {
+            tokio::spawn(keep_publishing(
+                rotated(k as usize),
+                "work",
+                k * 1_000_000..k * 1_000_000 + 20_000,
+                stop.clone(),
+                acked.clone(),
+            ))
+        })
+        .collect();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let never: BTreeSet<u64> = [u64::MAX].into();
+    let consumers: Vec<_> = (0..3)
+        .map(|k| {
+            tokio::spawn(consume_until(
+                rotated(k + 1),
+                "work".into(),
+                never.clone(),
+                Duration::from_secs(180),
+                seen.clone(),
+            ))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().count.len() < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "no deliveries before the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let logged: Vec<usize> = (0..3).map(|i| c.log(i).len()).collect();
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    for i in 0..3 {
+        c.wait_ready(i);
+    }
+    let back = Instant::now();
+    let before = seen.lock().unwrap().count.len();
+    // Deliveries resume within 10 s of the cluster being back.
+    loop {
+        let now = seen.lock().unwrap().count.len();
+        if now > before + 300 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "deliveries stalled after the restart: {} new in {:?}",
+            now - before,
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut confirmed = acked.lock().unwrap().clone();
+    confirmed.extend(backlog);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !confirmed
+        .iter()
+        .all(|id| seen.lock().unwrap().count.contains_key(id))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for k in consumers {
+        k.abort();
+    }
+    assert_none_lost(&seen.lock().unwrap(), &confirmed);
+    for (i, from) in logged.into_iter().enumerate() {
+        let w = warnings_since(&c, i, from);
+        assert!(
+            w.len() <= 20,
+            "node {} wrote {} warnings during the restart, e.g. {:?}",
+            i + 1,
+            w.len(),
+            &w[..w.len().min(5)]
+        );
+    }
+}
+
+/// A table of x-arguments from (name, value) pairs.
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The next delivery on `consumer` within 10 s.
+async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the consumer is open")
+        .expect("a delivery")
+}
+
+async fn publish_plain(ch: &Channel, exchange: &str, key: &str, body: &[u8], p: BasicProperties) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        p,
+    )
+    .await
+    .expect("basic.publish")
+    .await
+    .expect("publish sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_local_queue_serves_every_operation_from_any_node() {
+    let c = Cluster::start(3);
+    let home = connect(&c.uri(0)).await;
+    let hch = home.create_channel().await.unwrap();
+    hch.queue_declare(
+        "transient".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("a non-durable queue on node 1");
+
+    // Node 2 sees it (passive declare) and publishes to it; node 3 gets,
+    // purges and consumes from it.
+    let n2 = connect(&c.uri(1)).await;
+    let ch2 = n2.create_channel().await.unwrap();
+    ch2.queue_declare(
+        "transient".into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("passive declare from another node");
+    for i in 0..5u64 {
+        publish_plain(&ch2, "", "transient", b"m", props(i)).await;
+    }
+    let n3 = connect(&c.uri(2)).await;
+    let ch3 = n3.create_channel().await.unwrap();
+    let got = ch3
+        .basic_get("transient".into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get from another node")
+        .expect("a message");
+    got.delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    let declared = ch3
+        .queue_declare(
+            "transient".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        declared.message_count(),
+        4,
+        "the ack from node 3 settled one"
+    );
+    assert_eq!(
+        ch3.queue_purge("transient".into(), QueuePurgeOptions::default())
+            .await
+            .expect("purge from another node"),
+        4
+    );
+    ch3.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch3
+        .basic_consume(
+            "transient".into(),
+            "c3".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume from another node");
+    for i in 10..13u64 {
+        publish_plain(&ch2, "", "transient", b"m", props(i)).await;
+    }
+    // Prefetch 1: the second delivery needs the first one's ack, sent from
+    // node 3 to the queue on node 1.
+    for i in 10..13u64 {
+        let d = next_delivery(&mut consumer).await;
+        assert_eq!(
+            d.properties.message_id().as_ref().unwrap().as_str(),
+            i.to_string()
+        );
+        if i == 11 {
+            d.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let again = next_delivery(&mut consumer).await;
+            assert!(again.redelivered);
+            again.acker.ack(BasicAckOptions::default()).await.unwrap();
+        } else {
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+        }
+    }
+    // Deleting it from node 2 cancels node 3's consumer.
+    ch2.queue_delete("transient".into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete from another node");
+    let end = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await;
+    assert!(
+        matches!(end, Ok(None) | Ok(Some(Err(_)))),
+        "the consumer ends with the queue: {end:?}"
+    );
+    let err = ch2
+        .queue_declare(
+            "transient".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("gone");
+    assert_eq!(common::reply_code(&err), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_reply_to_works_with_client_and_server_on_different_nodes() {
+    let c = Cluster::start(3);
+    let server = connect(&c.uri(2)).await;
+    let sch = server.create_channel().await.unwrap();
+    declare(&sch, "rpc").await;
+    let mut requests = sch
+        .basic_consume(
+            "rpc".into(),
+            "server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let client = connect(&c.uri(0)).await;
+    let cch = client.create_channel().await.unwrap();
+    let mut replies = cch
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "client".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..3u64 {
+        publish_plain(
+            &cch,
+            "",
+            "rpc",
+            format!("ask-{i}").as_bytes(),
+            props(i).with_reply_to(ShortString::from("amq.rabbitmq.reply-to")),
+        )
+        .await;
+        let req = next_delivery(&mut requests).await;
+        let to = req
+            .properties
+            .reply_to()
+            .clone()
+            .expect("a reply-to address");
+        publish_plain(&sch, "", to.as_str(), &req.data, props(i)).await;
+        req.acker.ack(BasicAckOptions::default()).await.unwrap();
+        let answer = next_delivery(&mut replies).await;
+        assert_eq!(answer.data, format!("ask-{i}").as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_reach_a_queue_on_another_node() {
+    let c = Cluster::start(3);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // The dead-letter queue is node-local on node 3.
+    let n3 = connect(&c.uri(2)).await;
+    let ch3 = n3.create_channel().await.unwrap();
+    ch3.queue_declare(
+        "dead".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch3.queue_bind(
+        "dead".into(),
+        "dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    // Sources: a quorum queue (rejects, delivery limit), a quorum queue
+    // with a length limit (drop-head), and a node-local queue on node 1
+    // with a TTL.
+    let quorum = |extra: &[(&str, AMQPValue)]| {
+        let mut pairs = vec![
+            ("x-queue-type", text("quorum")),
+            ("x-dead-letter-exchange", text("dlx")),
+        ];
+        pairs.extend(extra.iter().cloned());
+        args(&pairs)
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("src-reject".into(), durable, quorum(&[]))
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "src-maxlen".into(),
+        durable,
+        quorum(&[("x-max-length", AMQPValue::LongInt(1))]),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "src-ttl".into(),
+        QueueDeclareOptions::default(),
+        args(&[
+            ("x-dead-letter-exchange", text("dlx")),
+            ("x-message-ttl", AMQPValue::LongInt(50)),
+        ]),
+    )
+    .await
+    .unwrap();
+
+    // A consumer on node 2 rejects.
+    let n2 = connect(&c.uri(1)).await;
+    let ch2 = n2.create_channel().await.unwrap();
+    publish_plain(&ch2, "", "src-reject", b"rejected", props(1)).await;
+    let mut rejecter = ch2
+        .basic_consume(
+            "src-reject".into(),
+            "r".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    next_delivery(&mut rejecter)
+        .await
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .unwrap();
+    publish_plain(&ch2, "", "src-maxlen", b"dropped", props(2)).await;
+    publish_plain(&ch2, "", "src-maxlen", b"kept", props(3)).await;
+    publish_plain(&ch2, "", "src-ttl", b"expired", props(4)).await;
+
+    // Everything arrives at the dead-letter queue, read from node 2.
+    let mut dead = ch2
+        .basic_consume(
+            "dead".into(),
+            "d".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume node 3's queue from node 2");
+    let mut reasons = BTreeSet::new();
+    for _ in 0..3 {
+        let d = next_delivery(&mut dead).await;
+        let headers = d.properties.headers().clone().expect("x-death headers");
+        let reason = match headers.inner().get("x-first-death-reason") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("no reason: {other:?}"),
+        };
+        reasons.insert((String::from_utf8_lossy(&d.data).into_owned(), reason));
+    }
+    let want: BTreeSet<(String, String)> = [
+        ("rejected", "rejected"),
+        ("dropped", "maxlen"),
+        ("expired", "expired"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(reasons, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_expires_follows_use_from_any_node() {
+    let c = Cluster::start(3);
+    let n1 = connect(&c.uri(0)).await;
+    let ch1 = n1.create_channel().await.unwrap();
+    let n2 = connect(&c.uri(1)).await;
+    let ch2 = n2.create_channel().await.unwrap();
+    let n3 = connect(&c.uri(2)).await;
+    let ch3 = n3.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for (name, durable, kind) in [
+        ("exp-classic", false, "classic"),
+        ("exp-quorum", true, "quorum"),
+    ] {
+        ch1.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable,
+                ..Default::default()
+            },
+            args(&[
+                ("x-queue-type", text(kind)),
+                ("x-expires", AMQPValue::LongInt(1_500)),
+            ]),
+        )
+        .await
+        .unwrap();
+        // Right after the declare, another node finds it.
+        ch2.queue_declare(name.into(), passive, FieldTable::default())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: passive declare on node 2: {e}"));
+    }
+    // A consumer on node 3 keeps both alive well past their expiry.
+    let mut consumers = Vec::new();
+    for name in ["exp-classic", "exp-quorum"] {
+        consumers.push(
+            ch3.basic_consume(
+                name.into(),
+                format!("keep-{name}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let alive_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < alive_until {
+        for name in ["exp-classic", "exp-quorum"] {
+            ch2.queue_declare(name.into(), passive, FieldTable::default())
+                .await
+                .unwrap_or_else(|e| panic!("{name} expired with a consumer: {e}"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Without the consumer, they expire.
+    for name in ["exp-classic", "exp-quorum"] {
+        ch3.basic_cancel(
+            format!("keep-{name}").as_str().into(),
+            BasicCancelOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    for name in ["exp-classic", "exp-quorum"] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let probe = n1.create_channel().await.unwrap();
+            match probe
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await
+            {
+                Err(e) => {
+                    assert_eq!(common::reply_code(&e), Some(404), "{name}: {e}");
+                    break;
+                }
+                Ok(_) => {
+                    let _ = probe.close(200, "bye".into()).await;
+                }
+            }
+            assert!(Instant::now() < deadline, "{name} never expired");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
