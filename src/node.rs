@@ -726,6 +726,7 @@ impl Node {
 /// either), and the replicated queues give back what this node's channels
 /// of the previous run held. Then the node is ready for clients.
 async fn after_boot(node: Arc<Node>) {
+    let started = std::time::Instant::now();
     let mut waited = 0u64;
     while node.raft.leader(META_GROUP).is_none() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -753,6 +754,7 @@ async fn after_boot(node: Arc<Node>) {
     }
     node.ready.send_replace(true);
     tracing::info!("node ready");
+    tokio::spawn(report_leaders(node.clone(), started));
     for h in node.all_queues() {
         if h.group.is_some() {
             let _ = h
@@ -762,6 +764,39 @@ async fn after_boot(node: Arc<Node>) {
                 })
                 .await;
         }
+    }
+}
+
+/// How long after start the node waits for every group it holds to have a
+/// leader before it says how many do.
+const LEADERS_REPORT_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One line per start that sums up the elections: how many of the groups
+/// this node holds have a leader, and how long that took. It replaces the
+/// per-group, per-RPC lines that a restart of a thousand queues would
+/// otherwise write.
+async fn report_leaders(node: Arc<Node>, since: std::time::Instant) {
+    let deadline = since + LEADERS_REPORT_WITHIN;
+    loop {
+        let groups = node.raft.status();
+        let led = groups.iter().filter(|g| g.leader.is_some()).count();
+        let done = led == groups.len();
+        if done || std::time::Instant::now() >= deadline {
+            let secs = since.elapsed().as_secs_f64();
+            if done {
+                tracing::info!(
+                    "leaders known for {led}/{} groups {secs:.1} s after start",
+                    groups.len()
+                );
+            } else {
+                tracing::warn!(
+                    "leaders known for only {led}/{} groups {secs:.0} s after start",
+                    groups.len()
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

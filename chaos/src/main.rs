@@ -20,6 +20,7 @@ mod monitor;
 mod network;
 mod proxy;
 mod report;
+mod restart_bench;
 mod run;
 mod scenarios;
 mod svg;
@@ -47,6 +48,25 @@ enum Command {
     Run(RunArgs),
     /// List the scenarios.
     List,
+    /// Time a whole-cluster restart with many quorum queues (a benchmark).
+    RestartBench(RestartArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestartArgs {
+    /// Quorum queues, each holding one message through the restart.
+    #[arg(long, default_value_t = 1000)]
+    queues: usize,
+    /// The warren binary [default: ${CARGO_TARGET_DIR:-target}/release/warren].
+    #[arg(long)]
+    warren: Option<PathBuf>,
+    /// Directory for the nodes' data and logs
+    /// [default: ${CARGO_TARGET_DIR:-target}/restart-bench].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// First of the fixed ports every node uses on its own loopback address.
+    #[arg(long, default_value_t = 27000)]
+    base_port: u16,
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +241,43 @@ async fn run(args: RunArgs) -> Result<bool> {
     Ok(outcome.verdict.pass)
 }
 
+fn restart_bench(args: RestartArgs) -> ExitCode {
+    let warren = args
+        .warren
+        .unwrap_or_else(|| target_dir().join("release").join("warren"));
+    let warren = std::path::absolute(&warren).unwrap_or(warren);
+    let dir = args
+        .dir
+        .unwrap_or_else(|| target_dir().join("restart-bench"));
+    let plan = restart_bench::Plan {
+        queues: args.queues.max(1),
+        warren,
+        dir,
+        base_port: args.base_port,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warren-chaos: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(restart_bench::run(plan)) {
+        Ok(summary) => {
+            print!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("warren-chaos restart-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -236,6 +293,7 @@ fn main() -> ExitCode {
             list();
             return ExitCode::SUCCESS;
         }
+        Command::RestartBench(args) => return restart_bench(args),
         Command::Run(args) if args.list => {
             list();
             return ExitCode::SUCCESS;
