@@ -228,6 +228,18 @@ impl Node {
         outcome
     }
 
+    /// Brings this node's definitions up to date with everything the
+    /// cluster committed before the call, so that a definition just made
+    /// through another node is seen here. Called when a lookup misses,
+    /// before answering 404: a client that declared a queue on node 1 and
+    /// then uses it on node 2 must find it, as with RabbitMQ. Costs one
+    /// metadata round trip, and only on a miss.
+    pub async fn sync_meta(self: &Arc<Self>) {
+        if let Err(e) = self.apply_meta(MetaCommand::Barrier).await {
+            tracing::debug!("metadata barrier failed: {e}");
+        }
+    }
+
     /// Where a new queue goes. A replicated queue gets a fresh group id and
     /// `x-quorum-initial-group-size` replicas (3 by default, at most the
     /// cluster's size), starting at the node after the last queue's first

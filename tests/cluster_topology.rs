@@ -627,3 +627,53 @@ async fn x_expires_follows_use_from_any_node() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_node_declares_another_sees_at_once() {
+    let c = Cluster::start(3);
+    let n1 = connect(&c.uri(0)).await;
+    let ch1 = n1.create_channel().await.unwrap();
+    let n2 = connect(&c.uri(1)).await;
+    let ch2 = n2.create_channel().await.unwrap();
+    let n3 = connect(&c.uri(2)).await;
+    let ch3 = n3.create_channel().await.unwrap();
+    // Each round races a use on nodes 2 and 3 against the metadata
+    // reaching them; every use must find what node 1 has just declared.
+    for i in 0..20 {
+        let (x, q) = (format!("race-x-{i}"), format!("race-q-{i}"));
+        ch1.exchange_declare(
+            x.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let durable = QueueDeclareOptions {
+            durable: i % 2 == 0,
+            ..Default::default()
+        };
+        ch1.queue_declare(q.as_str().into(), durable, FieldTable::default())
+            .await
+            .unwrap();
+        ch2.exchange_declare(
+            x.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{x} on node 2: {e}"));
+        ch3.basic_consume(
+            q.as_str().into(),
+            format!("c-{i}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{q} on node 3: {e}"));
+    }
+}

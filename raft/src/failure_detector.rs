@@ -32,6 +32,11 @@ pub enum PeerEvent {
     Down(NodeId),
     /// The peer restarted (new incarnation seen).
     Restarted(NodeId),
+    /// A new connection to the peer replaced one that broke. One-way
+    /// messages queued on the old connection, or in flight when it broke,
+    /// may never have arrived: whoever sent something that matters that
+    /// way sends it again. (Raised by the transport, not the detector.)
+    Reconnected(NodeId),
 }
 
 #[derive(Default)]

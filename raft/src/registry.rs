@@ -199,6 +199,7 @@ impl RaftNode {
             .max(1);
         let peer_ids = cfg.peers.keys().copied().filter(|p| *p != cfg.node_id);
         let liveness = Arc::new(Mutex::new(Liveness::new(peer_ids, cfg.failure_timeout)));
+        let events = broadcast::channel(1024).0;
         let node = Arc::new_cyclic(|weak: &Weak<RaftNode>| {
             let inbound: Weak<dyn Inbound> = weak.clone();
             RaftNode {
@@ -214,11 +215,12 @@ impl RaftNode {
                     &cfg.secret,
                     &cfg.peers,
                     inbound,
+                    events.clone(),
                 )),
                 groups: RwLock::new(HashMap::new()),
                 lifecycle: tokio::sync::Mutex::new(()),
                 app: RwLock::new(None),
-                events: broadcast::channel(1024).0,
+                events,
                 liveness: liveness.clone(),
                 hints: Mutex::new(HashMap::new()),
                 stopped: watch::channel(false).0,

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,9 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
+use crate::failure_detector::PeerEvent;
 use crate::types::NodeId;
 use crate::wire::{
     self, Frame, MAX_FRAME_BYTES, NONCE_BYTES, PROTOCOL_VERSION, Reply, Request, WireError,
@@ -102,6 +103,9 @@ pub(crate) struct Link {
     last_heard: AtomicU64,
     /// The peer's incarnation as last announced; 0 means unknown.
     incarnation: AtomicU64,
+    /// Whether a connection to the peer was ever established: the next one
+    /// is then a reconnection.
+    had_conn: AtomicBool,
 }
 
 impl Link {
@@ -137,6 +141,8 @@ pub(crate) struct Transport {
     /// Handshakes refused because the other side did not prove the secret
     /// (or spoke another protocol); for tests and diagnostics.
     pub(crate) refused: AtomicU64,
+    /// Where a reconnection is announced ([`PeerEvent::Reconnected`]).
+    events: broadcast::Sender<PeerEvent>,
 }
 
 impl Transport {
@@ -146,6 +152,7 @@ impl Transport {
         secret: &str,
         peers: &BTreeMap<NodeId, String>,
         inbound: Weak<dyn Inbound>,
+        events: broadcast::Sender<PeerEvent>,
     ) -> Transport {
         let links = peers
             .iter()
@@ -159,6 +166,7 @@ impl Transport {
                         conn: Mutex::new(None),
                         last_heard: AtomicU64::new(0),
                         incarnation: AtomicU64::new(0),
+                        had_conn: AtomicBool::new(false),
                     }),
                 )
             })
@@ -174,6 +182,7 @@ impl Transport {
             epoch: Instant::now(),
             closed: watch::channel(false).0,
             refused: AtomicU64::new(0),
+            events,
         }
     }
 
@@ -497,6 +506,10 @@ impl Transport {
         }
         link.last_heard.store(self.now_ms(), Ordering::Relaxed);
         tracing::info!(peer = link.peer, "inter-node connection established");
+        if link.had_conn.swap(true, Ordering::Relaxed) {
+            // Nobody may be listening (a node without a broker on top).
+            let _ = self.events.send(PeerEvent::Reconnected(link.peer));
+        }
 
         let mut closed = self.closed.subscribe();
         let reader = self

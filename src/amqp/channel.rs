@@ -16,7 +16,7 @@ use crate::broker::metadata::{
     BindingDef, Destination, ExchangeDef, ExchangeKind, MetaCommand, QueueDef,
 };
 use crate::message::{Message, parse_expiration};
-use crate::node::{ChannelEvent, now_ms};
+use crate::node::{ChannelEvent, Node, now_ms};
 use crate::queue::command::{Command, ConfirmRef, ConsumerSpec, Effect, MsgId, OwnerId};
 use crate::queue::config::QueueConfig;
 use crate::queue::runner::{QueueHandle, Request};
@@ -395,7 +395,9 @@ impl Conn {
                     ));
                 };
                 if d.passive {
-                    self.node.meta().check_exchange_passive(&vhost, name)?;
+                    if !self.defined(Some(name), "").await {
+                        self.node.meta().check_exchange_passive(&vhost, name)?;
+                    }
                 } else {
                     self.node
                         .apply_meta(MetaCommand::DeclareExchange {
@@ -418,7 +420,7 @@ impl Conn {
             exchange::AMQPMethod::Delete(d) => {
                 let name = d.exchange.as_str().to_owned();
                 // Deleting an exchange that does not exist succeeds, as in RabbitMQ.
-                if self.node.meta().exchange(&vhost, &name).is_some()
+                if self.defined(Some(&name), "").await
                     || name.is_empty()
                     || name.starts_with("amq.")
                 {
@@ -480,7 +482,32 @@ impl Conn {
 
     /// The queue a method names; an empty name means the channel's last
     /// declared queue in AMQP 0-8, which RabbitMQ no longer supports either.
-    fn queue_access(&self, name: &str) -> Result<QueueHandle, AmqpError> {
+    /// The queues a publish goes to, from this node's routing table.
+    fn route(&self, msg: &Message, queues: &mut Vec<Arc<str>>) -> Result<(), AmqpError> {
+        let meta = self.node.meta();
+        if let Some(ex) = meta.exchange(&self.vhost, &msg.exchange) {
+            if ex.internal {
+                return Err(AmqpError::new(
+                    reply::ACCESS_REFUSED,
+                    format!(
+                        "cannot publish to internal exchange '{}' in vhost '{}'",
+                        msg.exchange, self.vhost
+                    ),
+                )
+                .on(60, 40));
+            }
+        }
+        meta.route(
+            &self.vhost,
+            &msg.exchange,
+            &msg.routing_key,
+            &msg.raw_properties,
+            queues,
+        )
+        .map_err(|e| AmqpError::from(e).on(60, 40))
+    }
+
+    fn queue_access_now(&self, name: &str) -> Result<QueueHandle, AmqpError> {
         self.node
             .meta()
             .check_queue_access(&self.vhost, name, self.id)?;
@@ -490,6 +517,36 @@ impl Conn {
                 format!("no queue '{name}' in vhost '{}'", self.vhost),
             )
         })
+    }
+
+    /// The queue `name` if this connection may use it. A queue this node
+    /// does not know yet may have just been declared through another node:
+    /// the node catches up with the cluster's definitions before saying 404.
+    async fn queue_access(&self, name: &str) -> Result<QueueHandle, AmqpError> {
+        match self.queue_access_now(name) {
+            Err(e) if e.code == reply::NOT_FOUND => {
+                self.node.sync_meta().await;
+                self.queue_access_now(name)
+            }
+            found => found,
+        }
+    }
+
+    /// Whether the definitions name `exchange` (or, with `exchange` None,
+    /// the queue `queue`), after catching up with the cluster on a miss.
+    async fn defined(&self, exchange: Option<&str>, queue: &str) -> bool {
+        let known = |node: &Node| {
+            let meta = node.meta();
+            match exchange {
+                Some(x) => meta.exchange(&self.vhost, x).is_some(),
+                None => meta.queue(&self.vhost, queue).is_some(),
+            }
+        };
+        if known(&self.node) {
+            return true;
+        }
+        self.node.sync_meta().await;
+        known(&self.node)
     }
 
     async fn queue_method(&mut self, ch: u16, m: queue::AMQPMethod) -> Result<(), AmqpError> {
@@ -518,7 +575,7 @@ impl Conn {
                     return Ok(());
                 }
                 if d.passive {
-                    let h = self.queue_access(&name)?;
+                    let h = self.queue_access(&name).await?;
                     let counts = h.counts().await.unwrap_or_default();
                     if !d.nowait {
                         ok!(
@@ -561,7 +618,7 @@ impl Conn {
                         },
                     })
                     .await?;
-                let h = self.queue_access(&name)?;
+                let h = self.queue_access(&name).await?;
                 let _ = h
                     .send(Request::Apply(Command::Touch { now_ms: now_ms() }, None))
                     .await;
@@ -581,7 +638,7 @@ impl Conn {
                 }
             }
             queue::AMQPMethod::Bind(b) => {
-                self.queue_access(b.queue.as_str())?;
+                self.queue_access(b.queue.as_str()).await?;
                 self.node
                     .apply_meta(MetaCommand::Bind {
                         vhost,
@@ -598,7 +655,7 @@ impl Conn {
                 }
             }
             queue::AMQPMethod::Unbind(b) => {
-                self.queue_access(b.queue.as_str())?;
+                self.queue_access(b.queue.as_str()).await?;
                 self.node
                     .apply_meta(MetaCommand::Unbind {
                         vhost,
@@ -613,7 +670,7 @@ impl Conn {
                 ok!(self, ch, queue, UnbindOk, queue::UnbindOk {});
             }
             queue::AMQPMethod::Purge(p) => {
-                let h = self.queue_access(p.queue.as_str())?;
+                let h = self.queue_access(p.queue.as_str()).await?;
                 let mut count = 0;
                 if let Some(effects) = h.call(Command::Purge).await {
                     for e in effects {
@@ -637,10 +694,10 @@ impl Conn {
             queue::AMQPMethod::Delete(d) => {
                 let name = d.queue.as_str();
                 // Deleting a queue that does not exist succeeds, as in RabbitMQ.
-                let count = if self.node.meta().queue(&vhost, name).is_none() {
+                let count = if !self.defined(None, name).await {
                     0
                 } else {
-                    let h = self.queue_access(name)?;
+                    let h = self.queue_access(name).await?;
                     let counts = h.counts().await.unwrap_or_default();
                     if d.if_unused && counts.consumers > 0 {
                         return Err(AmqpError::new(
@@ -738,7 +795,7 @@ impl Conn {
                 }
             }
             basic::AMQPMethod::Get(g) => {
-                let h = self.queue_access(g.queue.as_str())?;
+                let h = self.queue_access(g.queue.as_str()).await?;
                 c.queues_used.insert(h.name.clone());
                 let effects = h
                     .call(Command::Get {
@@ -896,7 +953,7 @@ impl Conn {
             }
             return Ok(());
         }
-        let h = self.queue_access(k.queue.as_str())?;
+        let h = self.queue_access(k.queue.as_str()).await?;
         let priority = k
             .arguments
             .inner()
@@ -1067,27 +1124,15 @@ impl Conn {
             }
         }
         let mut queues = Vec::new();
-        {
-            let meta = self.node.meta();
-            if let Some(ex) = meta.exchange(&self.vhost, &msg.exchange) {
-                if ex.internal {
-                    return err(
-                        reply::ACCESS_REFUSED,
-                        format!(
-                            "cannot publish to internal exchange '{}' in vhost '{}'",
-                            msg.exchange, self.vhost
-                        ),
-                    );
-                }
+        if let Err(e) = self.route(&msg, &mut queues) {
+            // An exchange this node does not know yet may have just been
+            // declared through another node.
+            if e.code != reply::NOT_FOUND {
+                return Err(e);
             }
-            meta.route(
-                &self.vhost,
-                &msg.exchange,
-                &msg.routing_key,
-                &msg.raw_properties,
-                &mut queues,
-            )
-            .map_err(|e| AmqpError::from(e).on(60, 40))?;
+            self.node.sync_meta().await;
+            queues.clear();
+            self.route(&msg, &mut queues)?;
         }
         if queues.is_empty() {
             if publish.mandatory {

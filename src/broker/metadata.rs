@@ -239,6 +239,10 @@ pub enum MetaCommand {
     ConnectionClosed {
         conn: ConnId,
     },
+    /// Changes nothing. A node that proposes it and waits until it has
+    /// applied it has applied everything committed before: a read of its
+    /// definitions afterwards sees what a client declared through any node.
+    Barrier,
 }
 
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
@@ -319,6 +323,7 @@ impl Metadata {
     pub fn apply(&mut self, cmd: MetaCommand) -> Result<MetaOutcome, BrokerError> {
         let mut out = MetaOutcome::default();
         match cmd {
+            MetaCommand::Barrier => {}
             MetaCommand::AddVhost { name } => {
                 out.created = !self.vhosts.contains_key(&name);
                 if out.created {

@@ -125,6 +125,10 @@ async fn serve_queue_ops(
                 OpReply::Consume(rx.await.ok()?)
             }
             QueueOp::Counts => OpReply::Counts(h.counts().await?),
+            QueueOp::Resend { node: n } => {
+                h.send(Request::Resend { node: n }).await.ok()?;
+                OpReply::Effects(Vec::new())
+            }
             QueueOp::NodeGone { node: n, below, .. } => {
                 h.send(Request::NodeGone { node: n, below }).await.ok()?;
                 OpReply::Effects(Vec::new())
@@ -167,6 +171,24 @@ pub async fn watch_peers(node: Weak<Node>) {
         let Some(node) = node.upgrade() else { return };
         if let PeerEvent::Up(peer) | PeerEvent::Restarted(peer) = ev {
             node.flush_cancels(peer);
+        }
+        if let PeerEvent::Reconnected(peer) = ev {
+            // Deliveries queued on the broken connection are lost with it;
+            // the queues served here send that node's channels what they
+            // hold once more (a channel acks either copy).
+            node.flush_cancels(peer);
+            for h in node.all_queues() {
+                let serves = match h.group {
+                    Some(group) => node.raft().is_leader(group),
+                    None => h.home.is_none(),
+                };
+                if serves && h.stats.unacked.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                    let resend = Request::Resend { node: peer };
+                    if let Err(req) = h.try_send(resend) {
+                        tokio::spawn(async move { h.send(*req).await });
+                    }
+                }
+            }
         }
         if let PeerEvent::Down(peer) = ev {
             // A node that cannot reach a majority is more likely cut off

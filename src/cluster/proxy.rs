@@ -160,6 +160,10 @@ async fn run(
                     });
                     waiters.push(Waiter::None);
                 }
+                Request::Resend { node: n } => {
+                    ops.push(QueueOp::Resend { node: n });
+                    waiters.push(Waiter::None);
+                }
                 Request::Stop => {
                     stop = true;
                     break;

@@ -98,6 +98,13 @@ impl QueueSm {
                 OpReply::Consume(Ok(()))
             }
             QueueOp::Counts => OpReply::Counts(self.state.counts()),
+            QueueOp::Resend { node: n } => {
+                let fx = self
+                    .state
+                    .checked_out_to(|o| crate::node::owner_node(o) == n);
+                self.carry_out(fx, node);
+                OpReply::Effects(Vec::new())
+            }
             QueueOp::NodeGone {
                 node: n,
                 below,

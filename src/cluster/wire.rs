@@ -35,6 +35,9 @@ pub enum QueueOp {
         below: Option<u64>,
         now_ms: u64,
     },
+    /// The leader's link to node `node` broke and came back: the leader
+    /// sends what that node's channels hold once more.
+    Resend { node: u64 },
 }
 
 /// The answer to one [`QueueOp`].

@@ -318,8 +318,16 @@ impl QueueState {
     /// died before its deliveries reached the consumers. `basic.get`
     /// messages are not included (there is no consumer to send them to).
     pub fn checked_out(&self) -> Vec<Effect> {
+        self.checked_out_to(|_| true)
+    }
+
+    /// [`QueueState::checked_out`] for the owners `which` selects: what a
+    /// queue sends again to the channels of a node whose link broke, since
+    /// deliveries in flight on it may be lost.
+    pub fn checked_out_to(&self, which: impl Fn(OwnerId) -> bool) -> Vec<Effect> {
         self.unacked
             .iter()
+            .filter(|(_, u)| which(u.owner))
             .filter_map(|(&id, u)| {
                 let c = self.consumers.get(&u.consumer?)?;
                 Some(Effect::Deliver {
@@ -357,6 +365,12 @@ impl QueueState {
     }
 
     fn advance(&mut self, now_ms: u64) {
+        if self.clock_ms == 0 {
+            // A queue made without a clock (a replicated queue's state
+            // exists before any command reaches it) starts its `x-expires`
+            // countdown at the first time it is given, not at the epoch.
+            self.last_used_ms = self.last_used_ms.max(now_ms);
+        }
         self.clock_ms = self.clock_ms.max(now_ms);
     }
 
@@ -1751,6 +1765,20 @@ mod tests {
         assert_eq!(tick(&mut q, T0 + 1_000), [Effect::Expired]);
         assert!(tick(&mut q, T0 + 5_000).is_empty());
         assert_eq!(q.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_queue_without_a_clock_counts_down_from_its_first_command() {
+        let config = QueueConfig {
+            quorum: true,
+            expires_ms: Some(1_000),
+            ..QueueConfig::classic()
+        };
+        let mut q = QueueState::new(config, 0);
+        assert!(tick(&mut q, T0).is_empty(), "not expired at its first tick");
+        assert_eq!(q.next_deadline(), Some(T0 + 1_000));
+        assert!(tick(&mut q, T0 + 999).is_empty());
+        assert_eq!(tick(&mut q, T0 + 1_000), [Effect::Expired]);
     }
 
     #[test]

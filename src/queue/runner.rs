@@ -45,6 +45,10 @@ pub enum Request {
     /// id of its new run): the owners it had are gone, so their consumers
     /// are cancelled and their unsettled messages returned.
     NodeGone { node: u64, below: Option<u64> },
+    /// The link to node `node` broke and came back: what its channels hold
+    /// is sent to them again (marked redelivered), since deliveries in
+    /// flight on the broken link may never have arrived.
+    Resend { node: u64 },
 }
 
 /// Counts published by the runner after every batch, read by the admin API
@@ -255,6 +259,12 @@ impl Runner {
                 false
             }
             Request::Stop => true,
+            Request::Resend { node } => {
+                let effects = self
+                    .state
+                    .checked_out_to(|o| crate::node::owner_node(o) == node);
+                self.carry_out(effects, None)
+            }
             Request::NodeGone { node, below } => {
                 let now = crate::node::now_ms();
                 let gone = owners_of(&self.state.owners(), node, below);
