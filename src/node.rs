@@ -17,7 +17,7 @@ use crate::broker::metadata::{ConnId, MetaCommand, MetaOutcome, Metadata, Placem
 use crate::cluster::meta_sm::{META_GROUP, MetaSm};
 use crate::cluster::proxy::{PROPOSE_TIMEOUT, Target};
 use crate::cluster::queue_sm::QueueSm;
-use crate::cluster::wire::{AppMsg, decode, encode};
+use crate::cluster::wire::{AppCall, AppMsg, decode, encode};
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -74,6 +74,9 @@ type ConsumerRef = (OwnerId, Arc<str>);
 
 /// Events for a connection, tagged with the channel they are for.
 pub type ConnEvents = mpsc::UnboundedSender<(u16, ChannelEvent)>;
+
+/// How long a definition change waits for each other node to apply it.
+const PEER_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Notices held for one unreachable node, at most.
 const MAX_HELD_CANCELS: usize = 65_536;
@@ -196,6 +199,7 @@ impl Node {
         self: &Arc<Self>,
         mut cmd: MetaCommand,
     ) -> Result<MetaOutcome, BrokerError> {
+        let barrier = matches!(cmd, MetaCommand::Barrier);
         if let MetaCommand::DeclareQueue { vhost, def } = &mut cmd {
             // A redeclare keeps the queue where it is; only a new queue is
             // placed.
@@ -217,15 +221,53 @@ impl Node {
         // A follower learns that the entry is committed a moment after the
         // leader; wait for it here (bounded) so this node's routing table
         // already has what the client just changed.
-        let mut applied = self.meta_applied.subscribe();
-        let caught_up =
-            tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
-        if !matches!(caught_up, Ok(Ok(_))) {
+        if !self.meta_applied_up_to(index).await {
             return Err(BrokerError::internal(
                 "this node did not catch up with the cluster's metadata",
             ));
         }
+        if !barrier {
+            self.wait_peers_applied(index).await;
+        }
         outcome
+    }
+
+    /// Waits (at most [`PROPOSE_TIMEOUT`]) until this node has applied the
+    /// metadata log up to `index`; false if it did not in time.
+    pub async fn meta_applied_up_to(&self, index: u64) -> bool {
+        let mut applied = self.meta_applied.subscribe();
+        let caught_up =
+            tokio::time::timeout(PROPOSE_TIMEOUT, applied.wait_for(|a| *a >= index)).await;
+        matches!(caught_up, Ok(Ok(_)))
+    }
+
+    /// Waits until every other node the failure detector sees has applied
+    /// the metadata log up to `index`, so that when a client is told
+    /// declare-ok or bind-ok, a publish or consume through any node sees
+    /// the change (RabbitMQ's definitions behave so). A node that does not
+    /// answer within [`PEER_APPLY_WAIT`] is not waited for: it is slow or
+    /// cut off, and a lookup there that misses catches up first
+    /// ([`Node::sync_meta`]).
+    async fn wait_peers_applied(&self, index: u64) {
+        let peers: Vec<u64> = self
+            .raft
+            .reachable()
+            .into_iter()
+            .filter(|(n, up)| *up && *n != self.node_id())
+            .map(|(n, _)| n)
+            .collect();
+        let calls = peers.into_iter().map(|peer| {
+            let raft = self.raft.clone();
+            async move {
+                let call = encode(&AppCall::MetaApplied { index });
+                let _ = raft.call(peer, call, PEER_APPLY_WAIT).await;
+            }
+        });
+        let mut set = tokio::task::JoinSet::new();
+        for c in calls {
+            set.spawn(c);
+        }
+        while set.join_next().await.is_some() {}
     }
 
     /// Brings this node's definitions up to date with everything the

@@ -81,6 +81,9 @@ impl AppHandler for Handler {
                 Some(AppCall::QueueOps { vhost, queue, ops }) => {
                     encode(&serve_queue_ops(&node, &vhost, &queue, ops).await)
                 }
+                Some(AppCall::MetaApplied { index }) => {
+                    encode(&node.meta_applied_up_to(index).await)
+                }
                 None => {
                     tracing::debug!(from, "undecodable call from a peer");
                     encode(&None::<Vec<OpReply>>)

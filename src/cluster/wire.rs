@@ -79,6 +79,9 @@ pub enum AppCall {
         queue: Arc<str>,
         ops: Vec<QueueOp>,
     },
+    /// Answered (with `true`) once the receiver has applied the metadata
+    /// log up to `index`, or (with `false`) when that takes too long.
+    MetaApplied { index: u64 },
 }
 
 pub fn encode<T: Serialize>(v: &T) -> Bytes {
