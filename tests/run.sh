@@ -4,7 +4,8 @@
 #      the raft crate's tests (openraft's storage suite, in-process clusters)
 #   2. integration tests against real `warren server` processes (lapin),
 #      including 1- and 3-node clusters killed with SIGKILL and restarted
-#   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates
+#   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates,
+#      against one node and against a 3-node cluster
 #   4. the chaos suite's short run (chaos/ci.sh): three fault scenarios on a
 #      3-node cluster with fixed seeds; fails on any lost confirmed message
 # Extra arguments are passed to pytest.

@@ -12,11 +12,18 @@ class Timeout(AssertionError):
     pass
 
 
+def _process(conn, time_limit):
+    """Process I/O of one connection, or of each of a list of connections."""
+    conns = conn if isinstance(conn, (list, tuple)) else [conn]
+    for c in conns:
+        c.process_data_events(time_limit=time_limit / len(conns))
+
+
 def wait_until(predicate, timeout=DEFAULT_TIMEOUT, conn=None, interval=0.02, what="condition"):
     """Poll ``predicate`` until it is truthy or ``timeout`` passes.
 
-    With ``conn`` the connection's I/O is pumped between polls (so consumer
-    callbacks run); otherwise it sleeps ``interval`` between polls.
+    With ``conn`` (a connection or a list of them) the I/O is pumped between
+    polls (so consumer callbacks run); otherwise it sleeps ``interval``.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -27,19 +34,24 @@ def wait_until(predicate, timeout=DEFAULT_TIMEOUT, conn=None, interval=0.02, wha
         if remaining <= 0:
             raise Timeout(f"timed out after {timeout}s waiting for {what}")
         if conn is not None:
-            conn.process_data_events(time_limit=min(interval, remaining))
+            _process(conn, min(interval, remaining))
         else:
             time.sleep(min(interval, remaining))
 
 
 def pump(conn, seconds):
-    """Process I/O for a bounded time (used to show that nothing more arrives)."""
+    """Process I/O for a bounded time (used to show that nothing more arrives).
+
+    ``conn`` is a connection or a list of connections.
+    """
     deadline = time.monotonic() + seconds
+    # several connections take turns in short slices
+    step = 0.02 if isinstance(conn, (list, tuple)) else seconds
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        conn.process_data_events(time_limit=remaining)
+        _process(conn, min(step, remaining))
 
 
 class Collector:

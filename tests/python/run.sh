@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run the Python client-compatibility suite.
 #   tests/python/run.sh [pytest args...]
-# Env: WARREN_AMQP_URL to test an already running broker (Warren or RabbitMQ),
-#      otherwise WARREN_BIN (default target/debug/warren) is started per session.
+# Env: WARREN_AMQP_URL to test an already running broker (Warren or RabbitMQ;
+#      comma-separated URLs for the nodes of a cluster), otherwise
+#      WARREN_BIN (default target/debug/warren) is started as one node and as
+#      a 3-node cluster, and every test runs against both (-k 1node / -k 3node
+#      selects one).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

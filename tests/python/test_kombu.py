@@ -12,11 +12,28 @@ DEADLINE = 10.0
 
 
 @pytest.fixture
-def kconn(broker):
-    conn = Connection(broker.kombu_url, connect_timeout=10, transport_options={"confirm_publish": True})
-    conn.connect()
-    yield conn
-    conn.release()
+def kconnect(broker):
+    """Factory of kombu connections to ``broker.node(node)``, released after the test."""
+    opened = []
+
+    def open(node=0):
+        conn = Connection(
+            broker.node(node).kombu_url,
+            connect_timeout=10,
+            transport_options={"confirm_publish": True},
+        )
+        conn.connect()
+        opened.append(conn)
+        return conn
+
+    yield open
+    for conn in opened:
+        conn.release()
+
+
+@pytest.fixture
+def kconn(kconnect):
+    return kconnect(node=0)
 
 
 def drain_until(conn, predicate, timeout=DEADLINE):
@@ -41,7 +58,7 @@ def test_connection_info(kconn, broker):
     assert "capabilities" in props
 
 
-def test_producer_consumer_round_trip(kconn, names):
+def test_producer_consumer_round_trip(kconn, kconnect, names):
     exchange = Exchange(names.x(), type="direct", durable=False)
     q = Queue(names.q(), exchange=exchange, routing_key="jobs", durable=False)
     received = []
@@ -51,7 +68,7 @@ def test_producer_consumer_round_trip(kconn, names):
         message.ack()
 
     with Consumer(kconn, queues=[q], callbacks=[on_message], accept=["json", "pickle"]):
-        producer = Producer(kconn)
+        producer = Producer(kconnect(node=1))
         producer.publish(
             {"n": 1, "items": ["a", "b"]},
             exchange=exchange,
@@ -73,12 +90,13 @@ def test_producer_consumer_round_trip(kconn, names):
     assert message.delivery_info["exchange"] == exchange.name
 
 
-def test_simple_queue_put_get(kconn, names):
+def test_simple_queue_put_get(kconn, kconnect, names):
     qname = names.q()
     sq = kconn.SimpleQueue(qname)
+    putter = kconnect(node=2).SimpleQueue(qname)
     try:
-        sq.put({"hello": "world"})
-        sq.put("second", serializer="json")
+        putter.put({"hello": "world"})
+        putter.put("second", serializer="json")
         msg = sq.get(block=True, timeout=DEADLINE)
         assert msg.payload == {"hello": "world"}
         msg.ack()
@@ -87,6 +105,7 @@ def test_simple_queue_put_get(kconn, names):
         msg.ack()
         assert sq.qsize() == 0
     finally:
+        putter.close()
         sq.close()
 
 
@@ -141,7 +160,7 @@ def test_simple_queue_clear(kconn, names):
         ("topic", ["*.error", "#"], "db.error", [True, True]),
     ],
 )
-def test_exchange_types(kconn, names, xtype, bindings, key, expect):
+def test_exchange_types(kconn, kconnect, names, xtype, bindings, key, expect):
     exchange = Exchange(names.x(), type=xtype, durable=False)
     queues = [
         Queue(names.q(f"q{i}"), exchange=exchange, routing_key=rk, durable=False)
@@ -151,7 +170,8 @@ def test_exchange_types(kconn, names, xtype, bindings, key, expect):
     try:
         for q in queues:
             q(channel).declare()
-        Producer(channel).publish("payload", exchange=exchange, routing_key=key, serializer="json")
+        publisher = kconnect(node=1).channel()
+        Producer(publisher).publish("payload", exchange=exchange, routing_key=key, serializer="json")
         for q, should in zip(queues, expect):
             bound = q(channel)
             msg = bound.get(no_ack=True)
@@ -167,7 +187,7 @@ def test_exchange_types(kconn, names, xtype, bindings, key, expect):
         channel.close()
 
 
-def test_headers_exchange(kconn, names):
+def test_headers_exchange(kconn, kconnect, names):
     exchange = Exchange(names.x(), type="headers", durable=False)
     q = Queue(
         names.q(),
@@ -178,7 +198,7 @@ def test_headers_exchange(kconn, names):
     channel = kconn.channel()
     try:
         q(channel).declare()
-        p = Producer(channel)
+        p = Producer(kconnect(node=2).channel())
         p.publish("yes", exchange=exchange, headers={"tier": "gold"}, serializer="json")
         p.publish("no", exchange=exchange, headers={"tier": "lead"}, serializer="json")
         bound = q(channel)
@@ -216,8 +236,8 @@ def test_celery_like_task_and_rpc_result(kconn, broker, names):
             delivery_mode=2,
         )
 
-    # the worker, on its own connection
-    with Connection(broker.kombu_url, connect_timeout=10) as worker:
+    # the worker, on its own connection (to another node)
+    with Connection(broker.node(2).kombu_url, connect_timeout=10) as worker:
         sq = worker.SimpleQueue(tasks)
         try:
             msg = sq.get(block=True, timeout=DEADLINE)

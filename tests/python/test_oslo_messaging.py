@@ -71,7 +71,11 @@ def conf():
 
 @pytest.fixture
 def oslo(conf, broker, names):
-    """Yields a helper; every server/listener/transport it made is stopped after."""
+    """Yields a helper; every server/listener/transport it made is stopped after.
+
+    Clients connect to node 0 and servers to nodes 1, 2, ... (by their order),
+    so on a cluster every call crosses nodes.
+    """
 
     class Oslo:
         def __init__(self):
@@ -82,13 +86,13 @@ def oslo(conf, broker, names):
             # the default exchange of transports created from here on
             messaging.set_transport_defaults(control_exchange=self.exchange)
 
-        def rpc_transport(self):
-            t = messaging.get_rpc_transport(conf, url=broker.oslo_url)
+        def rpc_transport(self, node=0):
+            t = messaging.get_rpc_transport(conf, url=broker.node(node).oslo_url)
             self.transports.append(t)
             return t
 
-        def notification_transport(self):
-            t = messaging.get_notification_transport(conf, url=broker.oslo_url)
+        def notification_transport(self, node=0):
+            t = messaging.get_notification_transport(conf, url=broker.node(node).oslo_url)
             self.transports.append(t)
             return t
 
@@ -96,7 +100,10 @@ def oslo(conf, broker, names):
             target = messaging.Target(topic=self.topic, server=name)
             names.queues.extend([self.topic, f"{self.topic}.{name}"])
             srv = messaging.get_rpc_server(
-                self.rpc_transport(), target, [endpoint], executor="threading"
+                self.rpc_transport(node=1 + len(self.servers)),
+                target,
+                [endpoint],
+                executor="threading",
             )
             srv.start()
             self.servers.append(srv)
@@ -209,7 +216,7 @@ def test_rpc_call_timeout_without_server(oslo):
 
 
 def test_notification_round_trip(oslo, names):
-    transport = oslo.notification_transport()
+    transport = oslo.notification_transport(node=1)
     topic = names.prefix + ".notifications"
     names.queues.extend([f"{topic}.info", f"{topic}.error"])
     endpoint = Notifications()
@@ -222,7 +229,10 @@ def test_notification_round_trip(oslo, names):
     listener.start()
     oslo.servers.append(listener)
     notifier = messaging.Notifier(
-        transport, publisher_id="compute.host1", driver="messaging", topics=[topic]
+        oslo.notification_transport(node=0),
+        publisher_id="compute.host1",
+        driver="messaging",
+        topics=[topic],
     )
 
     notifier.info({}, "instance.create.end", {"id": "vm-1"})

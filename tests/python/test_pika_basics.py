@@ -64,14 +64,15 @@ def test_unknown_vhost_is_refused(broker):
 # queue declare
 
 
-def test_declare_returns_name_and_counts(ch, names):
+def test_declare_returns_name_and_counts(ch, connect, names):
     q = names.q()
     ok = ch.queue_declare(q)
     assert ok.method.queue == q
     assert ok.method.message_count == 0
     assert ok.method.consumer_count == 0
+    publisher = connect(node=1).channel()
     for i in range(3):
-        ch.basic_publish("", q, b"m%d" % i)
+        publisher.basic_publish("", q, b"m%d" % i)
     wait_message_count(ch, q, 3)
     ok = ch.queue_declare(q)  # redeclare with the same properties is fine
     assert ok.method.message_count == 3
@@ -87,18 +88,19 @@ def test_passive_declare_missing_queue_404(ch, prefix):
     assert ch.is_closed
 
 
-def test_passive_declare_existing_queue(ch, names):
+def test_passive_declare_existing_queue(ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
-    ok = ch.queue_declare(q, passive=True)
+    ok = connect(node=1).channel().queue_declare(q, passive=True)
     assert ok.method.queue == q
 
 
-def test_redeclare_with_different_durable_406(ch, names):
+def test_redeclare_with_different_durable_406(ch, connect, names):
     q = names.q()
     ch.queue_declare(q, durable=False)
+    other = connect(node=1).channel()
     with channel_error(406, "inequivalent arg 'durable'"):
-        ch.queue_declare(q, durable=True)
+        other.queue_declare(q, durable=True)
 
 
 def test_server_named_queue(ch):
@@ -115,16 +117,16 @@ def test_declare_amq_prefixed_queue_403(ch):
         ch.queue_declare("amq.my-queue")
 
 
-def test_durable_queue_declare(ch, names):
+def test_durable_queue_declare(ch, connect, names):
     q = names.q()
     ch.queue_declare(q, durable=True)
     ch.basic_publish("", q, b"x", pika.BasicProperties(delivery_mode=2))
-    _, props, body = get(ch, q)
+    _, props, body = get(connect(node=1).channel(), q)
     assert body == b"x" and props.delivery_mode == 2
 
 
 def test_exclusive_queue_locked_for_other_connections(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=1)
     q = names.q()
     ch1 = c1.channel()
     ch1.queue_declare(q, exclusive=True)
@@ -143,7 +145,7 @@ def test_exclusive_queue_locked_for_other_connections(connect, names):
 
 
 def test_exclusive_queue_deleted_when_owner_closes(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=2)
     q = names.q()
     c1.channel().queue_declare(q, exclusive=True)
     assert queue_exists(c2, q)
@@ -152,7 +154,7 @@ def test_exclusive_queue_deleted_when_owner_closes(connect, names):
 
 
 def test_auto_delete_queue_deleted_after_last_consumer(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=1)
     q = names.q()
     ch = c1.channel()
     ch.queue_declare(q, auto_delete=True)
@@ -165,7 +167,7 @@ def test_auto_delete_queue_deleted_after_last_consumer(connect, names):
 
 
 def test_auto_delete_queue_without_consumers_stays(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=2)
     q = names.q()
     c1.channel().queue_declare(q, auto_delete=True)
     c1.close()
@@ -246,7 +248,7 @@ def test_delete_if_unused_406(ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
     ch.basic_consume(q, lambda *a: None)
-    ch2 = connect().channel()
+    ch2 = connect(node=1).channel()
     with channel_error(406, "PRECONDITION_FAILED"):
         ch2.queue_delete(q, if_unused=True)
     assert queue_exists(ch.connection, q)
@@ -257,7 +259,7 @@ def test_delete_if_empty_406(ch, connect, names):
     ch.queue_declare(q)
     ch.basic_publish("", q, b"m")
     wait_message_count(ch, q, 1)
-    ch2 = connect().channel()
+    ch2 = connect(node=2).channel()
     with channel_error(406, "PRECONDITION_FAILED"):
         ch2.queue_delete(q, if_empty=True)
     assert queue_exists(ch.connection, q)
@@ -270,10 +272,10 @@ def test_delete_if_empty_406(ch, connect, names):
 # publish / consume / ack
 
 
-def test_publish_consume_ack(conn, ch, names):
+def test_publish_consume_ack(conn, ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
-    ch.basic_publish("", q, b"hello")
+    connect(node=1).channel().basic_publish("", q, b"hello")
     items = consume(conn, ch, q, 1)
     method, props, body = items[0]
     assert body == b"hello"
@@ -428,11 +430,12 @@ def test_basic_get_missing_queue_404(ch, prefix):
         ch.basic_get(prefix + ".missing")
 
 
-def test_qos_prefetch_is_respected(conn, ch, names):
+def test_qos_prefetch_is_respected(conn, ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
+    publisher = connect(node=2).channel()
     for i in range(10):
-        ch.basic_publish("", q, b"%d" % i)
+        publisher.basic_publish("", q, b"%d" % i)
     wait_message_count(ch, q, 10)
     ch.basic_qos(prefetch_count=2)
     col = Collector(ack=False)
@@ -497,13 +500,13 @@ def test_recover_requeue_redelivers(conn, ch, names):
 # publisher confirms / mandatory
 
 
-def test_publisher_confirms_ack(ch, names):
+def test_publisher_confirms_ack(ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
     ch.confirm_delivery()
     for i in range(20):
         ch.basic_publish("", q, b"%d" % i)  # raises if nacked
-    wait_message_count(ch, q, 20)
+    wait_message_count(connect(node=1).channel(), q, 20)
 
 
 def test_mandatory_unroutable_returns_312(ch, prefix):
@@ -546,7 +549,7 @@ def test_publish_to_missing_exchange_404(ch, prefix):
 
 
 def test_consumer_cancel_notification_on_queue_delete(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=1)
     q = names.q()
     ch = c1.channel()
     ch.queue_declare(q)
@@ -573,7 +576,7 @@ def test_duplicate_consumer_tag_530(ch, names):
 
 
 def test_exclusive_consumer_blocks_others_403(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=1)
     q = names.q()
     ch1 = c1.channel()
     ch1.queue_declare(q)
@@ -584,7 +587,7 @@ def test_exclusive_consumer_blocks_others_403(connect, names):
 
 
 def test_exclusive_consumer_refused_when_queue_has_consumers_403(connect, names):
-    c1, c2 = connect(), connect()
+    c1, c2 = connect(node=0), connect(node=2)
     q = names.q()
     ch1 = c1.channel()
     ch1.queue_declare(q)
@@ -594,14 +597,15 @@ def test_exclusive_consumer_refused_when_queue_has_consumers_403(connect, names)
         ch2.basic_consume(q, lambda *a: None, exclusive=True)
 
 
-def test_round_robin_between_consumers(conn, ch, names):
+def test_round_robin_between_consumers(conn, ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
     a, b = Collector(ack=True), Collector(ack=True)
     ch.basic_consume(q, a)
     ch.basic_consume(q, b)
+    publisher = connect(node=1).channel()
     for i in range(10):
-        ch.basic_publish("", q, b"%d" % i)
+        publisher.basic_publish("", q, b"%d" % i)
     wait_until(lambda: len(a.items) + len(b.items) == 10, conn=conn, what="10 deliveries")
     assert len(a.items) == 5 and len(b.items) == 5
 
@@ -628,7 +632,7 @@ def test_tx_commit_and_rollback(ch, connect, names):
     ch.queue_declare(q)
     ch.tx_select()
     ch.basic_publish("", q, b"rolled-back")
-    observer = connect().channel()
+    observer = connect(node=1).channel()
     assert observer.queue_declare(q, passive=True).method.message_count == 0
     ch.tx_rollback()
     assert observer.queue_declare(q, passive=True).method.message_count == 0
@@ -674,11 +678,11 @@ def test_confirm_after_tx_select_406(ch):
 # volume and size
 
 
-def test_ten_thousand_messages_in_order(conn, ch, names):
+def test_ten_thousand_messages_in_order(conn, ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
     n = 10_000
-    consumer_conn = conn
+    consumer_conn = connect(node=2)
     cch = consumer_conn.channel()
     cch.basic_qos(prefetch_count=500)
     received = []
@@ -691,26 +695,27 @@ def test_ten_thousand_messages_in_order(conn, ch, names):
     cch.basic_consume(q, on_msg)
     for i in range(n):
         ch.basic_publish("", q, b"%d" % i)
-    wait_until(lambda: len(received) >= n, timeout=60, conn=conn, what=f"{n} messages")
+    wait_until(lambda: len(received) >= n, timeout=60, conn=consumer_conn, what=f"{n} messages")
     assert received == [b"%d" % i for i in range(n)]
 
 
 @pytest.mark.parametrize("size", [1 << 20, 16 << 20], ids=["1MiB", "16MiB"])
-def test_large_body_round_trip(ch, names, size):
+def test_large_body_round_trip(ch, connect, names, size):
     q = names.q()
     ch.queue_declare(q)
     body = os.urandom(1024) * (size // 1024)
-    ch.confirm_delivery()
-    ch.basic_publish("", q, body)
+    publisher = connect(node=1).channel()
+    publisher.confirm_delivery()
+    publisher.basic_publish("", q, body)
     _, _, got = get(ch, q, timeout=30)
     assert len(got) == size
     assert got == body
 
 
-def test_empty_body_round_trip(ch, names):
+def test_empty_body_round_trip(ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
-    ch.basic_publish("", q, b"")
+    connect(node=2).channel().basic_publish("", q, b"")
     _, props, body = get(ch, q)
     assert body == b""
 
@@ -719,7 +724,7 @@ def test_empty_body_round_trip(ch, names):
 # properties
 
 
-def test_all_basic_properties_round_trip(ch, names, broker):
+def test_all_basic_properties_round_trip(ch, connect, names, broker):
     q = names.q()
     ch.queue_declare(q)
     ts = datetime.datetime(2024, 5, 17, 12, 30, 45, tzinfo=datetime.timezone.utc)
@@ -757,7 +762,7 @@ def test_all_basic_properties_round_trip(ch, names, broker):
         user_id=broker.user,
         app_id="the-app",
     )
-    ch.basic_publish("", q, b"{}", props)
+    connect(node=1).channel().basic_publish("", q, b"{}", props)
     _, got, body = get(ch, q)
     assert body == b"{}"
     assert got.content_type == "application/json"
@@ -787,10 +792,10 @@ def test_all_basic_properties_round_trip(ch, names, broker):
     assert h["empty-str"] == "" and h["empty-list"] == [] and h["empty-dict"] == {}
 
 
-def test_absent_properties_stay_absent(ch, names):
+def test_absent_properties_stay_absent(ch, connect, names):
     q = names.q()
     ch.queue_declare(q)
-    ch.basic_publish("", q, b"x")
+    connect(node=2).channel().basic_publish("", q, b"x")
     _, got, _ = get(ch, q)
     for attr in (
         "content_type",

@@ -132,7 +132,7 @@ def test_connection_close_by_client(broker):
 
 
 def test_direct_reply_to_rpc(connect, names):
-    client_conn, server_conn = connect(), connect()
+    client_conn, server_conn = connect(node=0), connect(node=1)
     rpc_q = names.q("rpc")
     server_ch = server_conn.channel()
     server_ch.queue_declare(rpc_q)

@@ -29,9 +29,17 @@ def cch(ch):
     return ch
 
 
-def test_default_exchange_routes_by_queue_name(cch, names):
+@pytest.fixture
+def pub(connect):
+    """The publisher: a confirming channel on another node than ``ch``'s."""
+    c = connect(node=1).channel()
+    c.confirm_delivery()
+    return c
+
+
+def test_default_exchange_routes_by_queue_name(cch, pub, names):
     (q,) = _queues(cch, names, 1)
-    cch.basic_publish("", q, b"m")
+    pub.basic_publish("", q, b"m")
     assert get(cch, q)[2] == b"m"
 
 
@@ -41,40 +49,40 @@ def test_default_exchange_cannot_be_bound_403(ch, names):
         ch.queue_bind(q, "", routing_key="x")
 
 
-def test_direct_exchange(cch, names):
+def test_direct_exchange(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "direct")
     a, b = _queues(cch, names, 2)
     cch.queue_bind(a, x, "red")
     cch.queue_bind(b, x, "green")
     cch.queue_bind(b, x, "red")
-    cch.basic_publish(x, "red", b"r")
-    cch.basic_publish(x, "green", b"g")
-    cch.basic_publish(x, "blue", b"b")
+    pub.basic_publish(x, "red", b"r")
+    pub.basic_publish(x, "green", b"g")
+    pub.basic_publish(x, "blue", b"b")
     wait_message_count(cch, a, 1)
     wait_message_count(cch, b, 2)
     assert _drain(cch, a) == [b"r"]
     assert _drain(cch, b) == [b"r", b"g"]
 
 
-def test_direct_exchange_duplicate_binding_delivers_once(cch, names):
+def test_direct_exchange_duplicate_binding_delivers_once(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "direct")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, "k")
     cch.queue_bind(q, x, "k")
-    cch.basic_publish(x, "k", b"once")
+    pub.basic_publish(x, "k", b"once")
     wait_message_count(cch, q, 1)
     assert _drain(cch, q) == [b"once"]
 
 
-def test_fanout_exchange(cch, names):
+def test_fanout_exchange(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "fanout")
     qs = _queues(cch, names, 3)
     for i, q in enumerate(qs):
         cch.queue_bind(q, x, routing_key=f"ignored{i}")
-    cch.basic_publish(x, "whatever", b"all")
+    pub.basic_publish(x, "whatever", b"all")
     for q in qs:
         wait_message_count(cch, q, 1)
         assert _drain(cch, q) == [b"all"]
@@ -109,23 +117,23 @@ def test_fanout_exchange(cch, names):
         ("a", "a.b", False),
     ],
 )
-def test_topic_exchange_patterns(cch, names, pattern, key, matches):
+def test_topic_exchange_patterns(cch, pub, names, pattern, key, matches):
     x = names.x()
     cch.exchange_declare(x, "topic")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, routing_key=pattern)
-    cch.basic_publish(x, key, b"m")
+    pub.basic_publish(x, key, b"m")
     assert cch.queue_declare(q, passive=True).method.message_count == (1 if matches else 0)
 
 
-def test_topic_exchange_multiple_bindings_deliver_once(cch, names):
+def test_topic_exchange_multiple_bindings_deliver_once(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "topic")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, routing_key="a.*")
     cch.queue_bind(q, x, routing_key="#")
     cch.queue_bind(q, x, routing_key="a.b")
-    cch.basic_publish(x, "a.b", b"m")
+    pub.basic_publish(x, "a.b", b"m")
     assert cch.queue_declare(q, passive=True).method.message_count == 1
 
 
@@ -143,34 +151,34 @@ def test_topic_exchange_multiple_bindings_deliver_once(cch, names):
         ("all", None, False),
     ],
 )
-def test_headers_exchange(cch, names, match, headers, expected):
+def test_headers_exchange(cch, pub, names, match, headers, expected):
     x = names.x()
     cch.exchange_declare(x, "headers")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, arguments={"x-match": match, "format": "pdf", "type": "report"})
     props = pika.BasicProperties(headers=headers)
-    cch.basic_publish(x, "ignored", b"m", props)
+    pub.basic_publish(x, "ignored", b"m", props)
     assert cch.queue_declare(q, passive=True).method.message_count == (1 if expected else 0)
 
 
-def test_headers_exchange_default_match_is_all(cch, names):
+def test_headers_exchange_default_match_is_all(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "headers")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, arguments={"a": 1, "b": 2})
-    cch.basic_publish(x, "", b"one", pika.BasicProperties(headers={"a": 1}))
-    cch.basic_publish(x, "", b"both", pika.BasicProperties(headers={"a": 1, "b": 2}))
+    pub.basic_publish(x, "", b"one", pika.BasicProperties(headers={"a": 1}))
+    pub.basic_publish(x, "", b"both", pika.BasicProperties(headers={"a": 1, "b": 2}))
     assert _drain(cch, q) == [b"both"]
 
 
-def test_headers_exchange_void_value_matches_presence(cch, names):
+def test_headers_exchange_void_value_matches_presence(cch, pub, names):
     # A binding argument with a void (None) value matches on presence of the key
     x = names.x()
     cch.exchange_declare(x, "headers")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x, arguments={"x-match": "all", "flag": None})
-    cch.basic_publish(x, "", b"no", pika.BasicProperties(headers={"other": 1}))
-    cch.basic_publish(x, "", b"yes", pika.BasicProperties(headers={"flag": "anything"}))
+    pub.basic_publish(x, "", b"no", pika.BasicProperties(headers={"other": 1}))
+    pub.basic_publish(x, "", b"yes", pika.BasicProperties(headers={"flag": "anything"}))
     assert _drain(cch, q) == [b"yes"]
 
 
@@ -182,23 +190,23 @@ def test_headers_exchange_bad_x_match_406(ch, names):
         ch.queue_bind(q, x, arguments={"x-match": "some"})
 
 
-def test_exchange_to_exchange_binding(cch, names):
+def test_exchange_to_exchange_binding(cch, pub, names):
     src, dst = names.x("src"), names.x("dst")
     cch.exchange_declare(src, "topic")
     cch.exchange_declare(dst, "fanout")
     cch.exchange_bind(destination=dst, source=src, routing_key="orders.*")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, dst)
-    cch.basic_publish(src, "orders.new", b"routed")
-    cch.basic_publish(src, "users.new", b"not-routed")
+    pub.basic_publish(src, "orders.new", b"routed")
+    pub.basic_publish(src, "users.new", b"not-routed")
     wait_message_count(cch, q, 1)
     assert _drain(cch, q) == [b"routed"]
     cch.exchange_unbind(destination=dst, source=src, routing_key="orders.*")
-    cch.basic_publish(src, "orders.new", b"after-unbind")
+    pub.basic_publish(src, "orders.new", b"after-unbind")
     assert _drain(cch, q) == []
 
 
-def test_exchange_binding_cycle_delivers_once(cch, names):
+def test_exchange_binding_cycle_delivers_once(cch, pub, names):
     a, b = names.x("a"), names.x("b")
     cch.exchange_declare(a, "fanout")
     cch.exchange_declare(b, "fanout")
@@ -207,7 +215,7 @@ def test_exchange_binding_cycle_delivers_once(cch, names):
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, a)
     cch.queue_bind(q, b)
-    cch.basic_publish(a, "", b"m")
+    pub.basic_publish(a, "", b"m")
     assert cch.queue_declare(q, passive=True).method.message_count == 1
 
 
@@ -226,31 +234,33 @@ def test_internal_exchange_rejects_publish_403(ch, names):
         ch.queue_declare(q, passive=True)
 
 
-def test_auto_delete_exchange_deleted_after_last_unbind(ch, names):
+def test_auto_delete_exchange_deleted_after_last_unbind(ch, connect, names):
     x = names.x()
     ch.exchange_declare(x, "direct", auto_delete=True)
     a, b = _queues(ch, names, 2)
     ch.queue_bind(a, x, "k")
     ch.queue_bind(b, x, "k")
     ch.queue_unbind(a, x, "k")
-    assert exchange_exists(ch.connection, x)
+    observer = connect(node=1)
+    assert exchange_exists(observer, x)
     ch.queue_unbind(b, x, "k")
-    wait_until(lambda: not exchange_exists(ch.connection, x), what="auto-delete exchange to go")
+    wait_until(lambda: not exchange_exists(observer, x), what="auto-delete exchange to go")
 
 
-def test_auto_delete_exchange_deleted_when_bound_queue_deleted(ch, names):
+def test_auto_delete_exchange_deleted_when_bound_queue_deleted(ch, connect, names):
     x = names.x()
     ch.exchange_declare(x, "fanout", auto_delete=True)
     (q,) = _queues(ch, names, 1)
     ch.queue_bind(q, x)
     ch.queue_delete(q)
-    wait_until(lambda: not exchange_exists(ch.connection, x), what="auto-delete exchange to go")
+    observer = connect(node=2)
+    wait_until(lambda: not exchange_exists(observer, x), what="auto-delete exchange to go")
 
 
-def test_auto_delete_exchange_never_bound_stays(ch, names):
+def test_auto_delete_exchange_never_bound_stays(ch, connect, names):
     x = names.x()
     ch.exchange_declare(x, "direct", auto_delete=True)
-    assert exchange_exists(ch.connection, x)
+    assert exchange_exists(connect(node=1), x)
 
 
 def test_redeclare_with_different_type_406(ch, names):
@@ -312,19 +322,19 @@ def test_delete_exchange_if_unused_406(ch, names):
         ch.exchange_delete(x, if_unused=True)
 
 
-def test_delete_exchange_removes_bindings(cch, names):
+def test_delete_exchange_removes_bindings(cch, pub, names):
     x = names.x()
     cch.exchange_declare(x, "fanout")
     (q,) = _queues(cch, names, 1)
     cch.queue_bind(q, x)
     cch.exchange_delete(x)
-    assert not exchange_exists(cch.connection, x)
+    assert not exchange_exists(pub.connection, x)
     cch.exchange_declare(x, "fanout")
-    cch.basic_publish(x, "", b"m")
+    pub.basic_publish(x, "", b"m")
     assert cch.queue_declare(q, passive=True).method.message_count == 0
 
 
-def test_alternate_exchange(cch, names):
+def test_alternate_exchange(cch, pub, names):
     main, ae = names.x("main"), names.x("ae")
     cch.exchange_declare(ae, "fanout")
     cch.exchange_declare(main, "direct", arguments={"alternate-exchange": ae})
@@ -333,9 +343,9 @@ def test_alternate_exchange(cch, names):
     cch.queue_declare(unrouted)
     cch.queue_bind(routed, main, "known")
     cch.queue_bind(unrouted, ae)
-    cch.basic_publish(main, "known", b"k")
+    pub.basic_publish(main, "known", b"k")
     # mandatory is satisfied by the alternate exchange: no basic.return
-    cch.basic_publish(main, "unknown", b"u", mandatory=True)
+    pub.basic_publish(main, "unknown", b"u", mandatory=True)
     assert _drain(cch, routed) == [b"k"]
     method, _, body = get(cch, unrouted)
     assert body == b"u"
@@ -343,8 +353,8 @@ def test_alternate_exchange(cch, names):
     assert method.exchange == main and method.routing_key == "unknown"
 
 
-def test_alternate_exchange_missing_behaves_unroutable(cch, names):
+def test_alternate_exchange_missing_behaves_unroutable(cch, pub, names):
     main = names.x("main")
     cch.exchange_declare(main, "direct", arguments={"alternate-exchange": names.prefix + ".nope"})
     with pytest.raises(pika.exceptions.UnroutableError):
-        cch.basic_publish(main, "k", b"m", mandatory=True)
+        pub.basic_publish(main, "k", b"m", mandatory=True)

@@ -26,7 +26,11 @@ def _drain(ch, q):
 
 
 def _dlx_setup(ch, names, **src_args):
-    """A fanout dead-letter exchange with a queue behind it."""
+    """A fanout dead-letter exchange with a queue behind it.
+
+    Tests declare these on another node than the source queue, so that
+    dead-lettering crosses nodes on a cluster.
+    """
     dlx, dlq = names.x("dlx"), names.q("dlq")
     ch.exchange_declare(dlx, "fanout")
     ch.queue_declare(dlq)
@@ -72,12 +76,13 @@ def test_message_ttl_zero_without_consumer_drops(ch, names):
     wait_message_count(ch, q, 0)
 
 
-def test_message_ttl_dead_letters_with_x_death(ch, names):
-    dlx, dlq = _dlx_setup(ch, names)
+def test_message_ttl_dead_letters_with_x_death(ch, connect, names):
+    dl = connect(node=1).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("src")
     ch.queue_declare(q, arguments={"x-message-ttl": 100, "x-dead-letter-exchange": dlx})
     ch.basic_publish("", q, b"expiring", pika.BasicProperties(message_id="m1"))
-    method, props, body = get(ch, dlq, timeout=10)
+    method, props, body = get(dl, dlq, timeout=10)
     assert body == b"expiring"
     assert props.message_id == "m1"
     # no dead-letter routing key set: the original routing key is kept
@@ -107,12 +112,13 @@ def test_per_message_expiration(ch, names):
     assert _drain(ch, q) == [b"stays"]
 
 
-def test_per_message_expiration_dead_letter_records_original(ch, names):
-    dlx, dlq = _dlx_setup(ch, names)
+def test_per_message_expiration_dead_letter_records_original(ch, connect, names):
+    dl = connect(node=2).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("src")
     ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx})
     ch.basic_publish("", q, b"m", pika.BasicProperties(expiration="50"))
-    _, props, body = get(ch, dlq, timeout=10)
+    _, props, body = get(dl, dlq, timeout=10)
     assert body == b"m"
     # the expiration property is removed and kept in x-death
     assert props.expiration is None
@@ -139,26 +145,27 @@ def test_invalid_expiration_406(ch, names):
         ch.queue_declare(q, passive=True)
 
 
-def test_queue_expires_when_unused(ch, names):
+def test_queue_expires_when_unused(ch, connect, names):
     q = names.q()
     ch.queue_declare(q, arguments={"x-expires": 300})
-    assert _queue_exists_untouched(ch, q)
+    observer = connect(node=1).channel()
+    assert _queue_exists_untouched(observer, q)
     wait_until(
-        lambda: not _queue_exists_untouched(ch, q),
+        lambda: not _queue_exists_untouched(observer, q),
         timeout=15,
         interval=0.1,
         what="x-expires queue to be deleted",
     )
     with channel_error(404, "NOT_FOUND"):
-        ch.connection.channel().queue_declare(q, passive=True)
+        observer.connection.channel().queue_declare(q, passive=True)
 
 
-def test_queue_with_consumer_does_not_expire(conn, ch, names):
+def test_queue_with_consumer_does_not_expire(conn, ch, connect, names):
     q = names.q()
     ch.queue_declare(q, arguments={"x-expires": 200})
     ch.basic_consume(q, lambda *a: None)
     pump(conn, 0.8)
-    assert _queue_exists_untouched(ch, q)
+    assert _queue_exists_untouched(connect(node=2).channel(), q)
 
 
 # --------------------------------------------------------------------------
@@ -175,14 +182,15 @@ def test_max_length_drop_head(ch, names):
     assert _drain(ch, q) == [b"2", b"3"]
 
 
-def test_max_length_drop_head_dead_letters_maxlen(ch, names):
-    dlx, dlq = _dlx_setup(ch, names)
+def test_max_length_drop_head_dead_letters_maxlen(ch, connect, names):
+    dl = connect(node=1).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("src")
     ch.queue_declare(q, arguments={"x-max-length": 1, "x-dead-letter-exchange": dlx})
     ch.confirm_delivery()
     ch.basic_publish("", q, b"old")
     ch.basic_publish("", q, b"new")
-    _, props, body = get(ch, dlq)
+    _, props, body = get(dl, dlq)
     assert body == b"old"
     assert props.headers["x-death"][0]["reason"] == "maxlen"
     assert _drain(ch, q) == [b"new"]
@@ -223,11 +231,12 @@ def test_max_length_zero_drops_everything(ch, names):
 # dead lettering
 
 
-def test_dead_letter_on_reject_with_routing_key(ch, names):
+def test_dead_letter_on_reject_with_routing_key(ch, connect, names):
+    dl = connect(node=1).channel()
     dlx, dlq = names.x("dlx"), names.q("dlq")
-    ch.exchange_declare(dlx, "direct")
-    ch.queue_declare(dlq)
-    ch.queue_bind(dlq, dlx, "dead")
+    dl.exchange_declare(dlx, "direct")
+    dl.queue_declare(dlq)
+    dl.queue_bind(dlq, dlx, "dead")
     q = names.q("src")
     ch.queue_declare(
         q, arguments={"x-dead-letter-exchange": dlx, "x-dead-letter-routing-key": "dead"}
@@ -235,7 +244,7 @@ def test_dead_letter_on_reject_with_routing_key(ch, names):
     ch.basic_publish("", q, b"bad", pika.BasicProperties(headers={"keep": "me"}))
     method, _, _ = get(ch, q, auto_ack=False)
     ch.basic_reject(method.delivery_tag, requeue=False)
-    method, props, body = get(ch, dlq)
+    method, props, body = get(dl, dlq)
     assert body == b"bad"
     assert method.exchange == dlx and method.routing_key == "dead"
     assert props.headers["keep"] == "me"
@@ -246,21 +255,23 @@ def test_dead_letter_on_reject_with_routing_key(ch, names):
     assert d["count"] == 1
 
 
-def test_dead_letter_on_nack_to_default_exchange(ch, names):
+def test_dead_letter_on_nack_to_default_exchange(ch, connect, names):
+    dl = connect(node=2).channel()
     dlq = names.q("dlq")
-    ch.queue_declare(dlq)
+    dl.queue_declare(dlq)
     q = names.q("src")
     ch.queue_declare(q, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq})
     ch.basic_publish("", q, b"m")
     method, _, _ = get(ch, q, auto_ack=False)
     ch.basic_nack(method.delivery_tag, requeue=False)
-    _, props, body = get(ch, dlq)
+    _, props, body = get(dl, dlq)
     assert body == b"m"
     assert props.headers["x-death"][0]["reason"] == "rejected"
 
 
-def test_requeue_does_not_dead_letter(ch, names):
-    dlx, dlq = _dlx_setup(ch, names)
+def test_requeue_does_not_dead_letter(ch, connect, names):
+    dl = connect(node=1).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("src")
     ch.queue_declare(q, arguments={"x-dead-letter-exchange": dlx})
     ch.basic_publish("", q, b"m")
@@ -268,13 +279,15 @@ def test_requeue_does_not_dead_letter(ch, names):
     ch.basic_reject(method.delivery_tag, requeue=True)
     method, _, body = get(ch, q)
     assert body == b"m" and method.redelivered
-    assert ch.queue_declare(dlq, passive=True).method.message_count == 0
+    assert dl.queue_declare(dlq, passive=True).method.message_count == 0
 
 
-def test_x_death_count_increments_on_cycle(ch, names):
+def test_x_death_count_increments_on_cycle(ch, connect, names):
     # q1 --(ttl)--> q2 --(reject)--> q1: the same (queue, reason) entry counts up
+    # (q2 on another node, so both dead-letterings cross nodes on a cluster)
     q1, q2 = names.q("one"), names.q("two")
-    ch.queue_declare(q2, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": q1})
+    ch2 = connect(node=1).channel()
+    ch2.queue_declare(q2, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": q1})
     ch.queue_declare(
         q1,
         arguments={
@@ -285,15 +298,15 @@ def test_x_death_count_increments_on_cycle(ch, names):
     )
     ch.basic_publish("", q1, b"m")
     for expected in (1, 2):
-        method, props, _ = get(ch, q2, auto_ack=False, timeout=10)
+        method, props, _ = get(ch2, q2, auto_ack=False, timeout=10)
         deaths = {(d["queue"], d["reason"]): d["count"] for d in props.headers["x-death"]}
         assert deaths[(q1, "expired")] == expected
-        ch.basic_reject(method.delivery_tag, requeue=False)
-    method, props, _ = get(ch, q2, auto_ack=False, timeout=10)
+        ch2.basic_reject(method.delivery_tag, requeue=False)
+    method, props, _ = get(ch2, q2, auto_ack=False, timeout=10)
     first = props.headers["x-death"][0]
     # the most recent death is first
     assert (first["queue"], first["reason"]) == (q1, "expired")
-    ch.basic_ack(method.delivery_tag)
+    ch2.basic_ack(method.delivery_tag)
     ch.queue_delete(q1)
 
 
@@ -301,11 +314,11 @@ def test_x_death_count_increments_on_cycle(ch, names):
 # quorum queues: delivery limit
 
 
-def _reject_until_dead_lettered(conn, ch, q, dlq, rejects):
+def _reject_until_dead_lettered(conn, ch, q, dl, dlq, rejects):
     """Consume the one message in ``q``, rejecting (requeue=True) every delivery.
 
     Returns the x-delivery-count header of each of the ``rejects`` deliveries,
-    and the dead-lettered message once it shows up in ``dlq``.
+    and the dead-lettered message once it shows up in ``dlq`` (read on ``dl``).
     """
     seen = []
 
@@ -316,7 +329,7 @@ def _reject_until_dead_lettered(conn, ch, q, dlq, rejects):
     ch.basic_qos(prefetch_count=1)
     tag = ch.basic_consume(q, on_msg)
     wait_until(lambda: len(seen) >= rejects, conn=conn, what=f"{rejects} deliveries")
-    dead = get(ch, dlq, timeout=10)
+    dead = get(dl, dlq, timeout=10)
     ch.basic_cancel(tag)
     assert len(seen) == rejects, f"delivered again after the limit: {seen}"
     # redelivered is set on every delivery but the first
@@ -324,8 +337,9 @@ def _reject_until_dead_lettered(conn, ch, q, dlq, rejects):
     return [c for (c, _) in seen], dead
 
 
-def test_quorum_delivery_limit_dead_letters(conn, ch, names):
-    dlx, dlq = _dlx_setup(ch, names)
+def test_quorum_delivery_limit_dead_letters(conn, ch, connect, names):
+    dl = connect(node=1).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("qq")
     ch.queue_declare(
         q,
@@ -333,7 +347,7 @@ def test_quorum_delivery_limit_dead_letters(conn, ch, names):
         arguments={**QUORUM, "x-delivery-limit": 2, "x-dead-letter-exchange": dlx},
     )
     ch.basic_publish("", q, b"poison")
-    counts, (method, props, body) = _reject_until_dead_lettered(conn, ch, q, dlq, 3)
+    counts, (method, props, body) = _reject_until_dead_lettered(conn, ch, q, dl, dlq, 3)
     # first delivery carries no count; each redelivery counts the returns so far
     assert counts == [None, 1, 2]
     assert body == b"poison"
@@ -391,22 +405,24 @@ def test_quorum_nack_requeue_counts_toward_limit(conn, ch, names):
 
 
 @pytest.mark.rabbitmq4
-def test_quorum_default_delivery_limit_is_20(conn, ch, names):
+def test_quorum_default_delivery_limit_is_20(conn, ch, connect, names):
     # RabbitMQ 4.0 gives quorum queues a default x-delivery-limit of 20
     # (3.x has no default and redelivers forever).
-    dlx, dlq = _dlx_setup(ch, names)
+    dl = connect(node=2).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("qq")
     ch.queue_declare(q, durable=True, arguments={**QUORUM, "x-dead-letter-exchange": dlx})
     ch.basic_publish("", q, b"poison")
-    counts, (_, props, body) = _reject_until_dead_lettered(conn, ch, q, dlq, 21)
+    counts, (_, props, body) = _reject_until_dead_lettered(conn, ch, q, dl, dlq, 21)
     assert counts == [None] + list(range(1, 21))
     assert body == b"poison"
     assert props.headers["x-death"][0]["reason"] == "delivery_limit"
 
 
-def test_quorum_explicit_delivery_limit_20(conn, ch, names):
+def test_quorum_explicit_delivery_limit_20(conn, ch, connect, names):
     # Same arithmetic as the 4.x default, with the limit given explicitly.
-    dlx, dlq = _dlx_setup(ch, names)
+    dl = connect(node=1).channel()
+    dlx, dlq = _dlx_setup(dl, names)
     q = names.q("qq")
     ch.queue_declare(
         q,
@@ -414,7 +430,7 @@ def test_quorum_explicit_delivery_limit_20(conn, ch, names):
         arguments={**QUORUM, "x-delivery-limit": 20, "x-dead-letter-exchange": dlx},
     )
     ch.basic_publish("", q, b"poison")
-    counts, (_, props, body) = _reject_until_dead_lettered(conn, ch, q, dlq, 21)
+    counts, (_, props, body) = _reject_until_dead_lettered(conn, ch, q, dl, dlq, 21)
     assert counts == [None] + list(range(1, 21))
     assert props.headers["x-death"][0]["reason"] == "delivery_limit"
 
@@ -423,63 +439,71 @@ def test_quorum_explicit_delivery_limit_20(conn, ch, names):
 # consumers: single active, priorities
 
 
-def test_single_active_consumer(conn, names):
+def test_single_active_consumer(conn, connect, names):
     q = names.q()
-    ch1, ch2 = conn.channel(), conn.channel()
+    conn2 = connect(node=1)
+    both = [conn, conn2]
+    ch1, ch2 = conn.channel(), conn2.channel()
     ch1.queue_declare(q, arguments={"x-single-active-consumer": True})
     a, b = Collector(ack=True), Collector(ack=True)
     tag_a = ch1.basic_consume(q, a)
     ch2.basic_consume(q, b)
     for i in range(6):
         ch1.basic_publish("", q, b"%d" % i)
-    a.wait(conn, 6)
-    pump(conn, 0.3)
+    a.wait(both, 6)
+    pump(both, 0.3)
     assert len(b.items) == 0, "only the active consumer receives"
     ch1.basic_cancel(tag_a)
     for i in range(6, 9):
         ch1.basic_publish("", q, b"%d" % i)
-    b.wait(conn, 3)
+    b.wait(both, 3)
     assert b.bodies == [b"6", b"7", b"8"]
     assert len(a.items) == 6
 
 
-def test_single_active_consumer_quorum(conn, names):
+def test_single_active_consumer_quorum(conn, connect, names):
     q = names.q()
-    ch1, ch2 = conn.channel(), conn.channel()
+    conn2 = connect(node=2)
+    both = [conn, conn2]
+    ch1, ch2 = conn.channel(), conn2.channel()
     ch1.queue_declare(q, durable=True, arguments={**QUORUM, "x-single-active-consumer": True})
     a, b = Collector(ack=True), Collector(ack=True)
     tag_a = ch1.basic_consume(q, a)
     ch2.basic_consume(q, b)
     for i in range(4):
         ch1.basic_publish("", q, b"%d" % i)
-    a.wait(conn, 4)
-    pump(conn, 0.3)
+    a.wait(both, 4)
+    pump(both, 0.3)
     assert len(b.items) == 0
     ch1.basic_cancel(tag_a)
     ch1.basic_publish("", q, b"after")
-    b.wait(conn, 1)
+    b.wait(both, 1)
     assert b.bodies == [b"after"]
 
 
-def test_single_active_consumer_unacked_go_to_next(conn, names):
+def test_single_active_consumer_unacked_go_to_next(conn, connect, names):
     q = names.q()
-    ch1, ch2 = conn.channel(), conn.channel()
+    conn2 = connect(node=1)
+    both = [conn, conn2]
+    ch1, ch2 = conn.channel(), conn2.channel()
     ch1.queue_declare(q, arguments={"x-single-active-consumer": True})
     a, b = Collector(ack=False), Collector(ack=True)
     ch1.basic_consume(q, a)
     ch2.basic_consume(q, b)
     ch2.basic_publish("", q, b"x")
-    a.wait(conn, 1)
+    a.wait(both, 1)
     ch1.close()  # unacked message goes back and the next consumer becomes active
-    b.wait(conn, 1)
+    b.wait(both, 1)
     method, _, body = b.items[0]
     assert body == b"x" and method.redelivered
 
 
 @pytest.mark.parametrize("qtype", ["classic", "quorum"])
-def test_consumer_priority(conn, names, qtype):
+def test_consumer_priority(conn, connect, names, qtype):
     q = names.q()
-    low_ch, high_ch = conn.channel(), conn.channel()
+    conn2 = connect(node=1)
+    both = [conn, conn2]
+    low_ch, high_ch = conn.channel(), conn2.channel()
     args = {"x-queue-type": qtype}
     low_ch.queue_declare(q, durable=(qtype == "quorum"), arguments=args)
     high_ch.basic_qos(prefetch_count=2)
@@ -489,15 +513,16 @@ def test_consumer_priority(conn, names, qtype):
     high_ch.basic_consume(q, high, arguments={"x-priority": 10})
     for i in range(7):
         low_ch.basic_publish("", q, b"%d" % i)
-    wait_until(lambda: len(low.items) + len(high.items) == 7, conn=conn, what="7 deliveries")
+    wait_until(lambda: len(low.items) + len(high.items) == 7, conn=both, what="7 deliveries")
     # the high-priority consumer takes what its credit allows, the rest
     # overflows to the low-priority one
     assert high.bodies == [b"0", b"1"]
     assert low.bodies == [b"2", b"3", b"4", b"5", b"6"]
     # once it has credit again it is preferred again
     high_ch.basic_ack(high.items[-1][0].delivery_tag, multiple=True)
-    low_ch.basic_publish("", q, b"7")
-    high.wait(conn, 3)
+    # (published on the acking channel, so that the ack is there first)
+    high_ch.basic_publish("", q, b"7")
+    high.wait(both, 3)
     assert high.bodies[-1] == b"7"
 
 
