@@ -1,14 +1,17 @@
 //! The wire, seen by a client that misbehaves: bad headers, garbage,
 //! truncated and oversized frames, frames on unopened channels, silent
 //! clients. Each gets the reply code the spec names, and other clients are
-//! not disturbed.
+//! not disturbed. Also the replies RabbitMQ gives to methods stock clients
+//! send at its edges, checked frame by frame.
 
 mod common;
 
-use amq_protocol::protocol::{AMQPClass, basic, channel as chan, connection as conn};
+use amq_protocol::protocol::{AMQPClass, basic, channel as chan, connection as conn, queue};
 use common::{Got, Raw, Server};
 use std::time::{Duration, Instant};
-use warren::amqp::frame::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, PROTOCOL_HEADER};
+use warren::amqp::frame::{
+    FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, Frame, PROTOCOL_HEADER,
+};
 
 fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
     let mut b = vec![kind];
@@ -355,5 +358,94 @@ fn an_unknown_delivery_tag_closes_the_channel_with_406_and_the_connection_surviv
     assert_eq!(r.expect_channel_close(), 406);
     // Another channel on the same connection still works.
     r.open_channel(2);
+    r.close_channel(2);
+}
+
+/// Reads until a method arrives on channel `ch` (methods on other channels
+/// and heartbeats are skipped); panics on EOF.
+fn recv_on(r: &mut Raw, ch: u16) -> AMQPClass {
+    loop {
+        match r.recv() {
+            Got::Frame(Frame::Method {
+                channel, method, ..
+            }) if channel == ch => return *method,
+            Got::Frame(_) => continue,
+            other => panic!("expected a method on channel {ch}, got {other:?}"),
+        }
+    }
+}
+
+/// Sends a publish with its header and body frames (no properties).
+fn publish(r: &mut Raw, ch: u16, exchange: &str, routing_key: &str, body: &[u8]) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    r.send(&frame(FRAME_HEADER, ch, &header));
+    r.send(&frame(FRAME_BODY, ch, body));
+}
+
+fn declare_queue(r: &mut Raw, ch: u16, name: &str, durable: bool) {
+    r.send_method(
+        ch,
+        &AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: name.into(),
+            durable,
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        recv_on(r, ch),
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+    ));
+}
+
+#[test]
+fn a_client_close_crossing_the_servers_close_is_answered_and_the_connection_survives() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.open_channel(2);
+    // The first publish earns a 404 channel.close; the client sends more on
+    // the channel, then its own close, before it reads the server's close.
+    publish(&mut r, 1, "no-such-exchange", "k", b"one");
+    publish(&mut r, 1, "no-such-exchange", "k", b"two");
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => assert_eq!(cl.reply_code, 404),
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    // The second publish was dropped (no second close); the client's close
+    // is answered.
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Channel(chan::AMQPMethod::CloseOk(_))
+    ));
+    // The client answers the server's close, as clients do.
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    // The other channel and the connection are still usable, and the
+    // channel number can be opened again.
+    declare_queue(&mut r, 2, "still-here", false);
+    r.open_channel(1);
+    r.close_channel(1);
     r.close_channel(2);
 }

@@ -6,7 +6,11 @@
 //! A soft error closes only the channel (`channel.close` with the reply
 //! code); the channel's consumers are cancelled and its unacknowledged
 //! messages returned at once, and frames other than `channel.close-ok` are
-//! ignored until the client answers, as the spec requires.
+//! ignored until the client answers, as the spec requires. A client's own
+//! `channel.close` that crossed ours is answered with `close-ok`, and the
+//! channel still waits for the client's `close-ok` to ours, as RabbitMQ's
+//! does: forgetting it earlier would make that `close-ok` a frame on an
+//! unopened channel, a connection error.
 
 use super::confirms::Confirms;
 use super::connection::{Conn, short};
@@ -164,7 +168,8 @@ impl Conn {
             };
         };
         if c.closing {
-            // Only the close handshake matters now.
+            // Only the close handshake matters now: everything else the
+            // client sent before it saw our channel.close is dropped.
             if let Frame::Method { method, .. } = f {
                 match *method {
                     AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)) => {
@@ -172,9 +177,9 @@ impl Conn {
                         return Ok(());
                     }
                     AMQPClass::Channel(chan::AMQPMethod::Close(_)) => {
+                        // Its close crossed ours. It will still answer ours
+                        // with close-ok, so the channel stays until then.
                         ok!(self, ch, chan, CloseOk, chan::CloseOk {});
-                        self.forget_channel(c);
-                        return Ok(());
                     }
                     _ => {}
                 }
