@@ -2,11 +2,14 @@
 //! truncated and oversized frames, frames on unopened channels, silent
 //! clients. Each gets the reply code the spec names, and other clients are
 //! not disturbed. Also the replies RabbitMQ gives to methods stock clients
-//! send at its edges, checked frame by frame.
+//! send at its edges (closes that cross, missing or reserved names,
+//! arguments RabbitMQ does not implement), checked frame by frame.
 
 mod common;
 
-use amq_protocol::protocol::{AMQPClass, basic, channel as chan, connection as conn, queue};
+use amq_protocol::protocol::{
+    AMQPClass, basic, channel as chan, confirm, connection as conn, exchange, queue,
+};
 use common::{Got, Raw, Server};
 use std::time::{Duration, Instant};
 use warren::amqp::frame::{
@@ -408,6 +411,86 @@ fn declare_queue(r: &mut Raw, ch: u16, name: &str, durable: bool) {
     ));
 }
 
+fn close_connection_reply(r: &mut Raw) -> (u16, String) {
+    loop {
+        match r.recv_method() {
+            Some(AMQPClass::Connection(conn::AMQPMethod::Close(cl))) => {
+                return (cl.reply_code, cl.reply_text.to_string());
+            }
+            Some(_) => continue,
+            None => panic!("connection ended without connection.close"),
+        }
+    }
+}
+
+#[test]
+fn deleting_a_missing_queue_or_exchange_answers_delete_ok() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "never-declared".into(),
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => assert_eq!(ok.message_count, 0),
+        other => panic!("expected queue.delete-ok, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+            exchange: "never-declared".into(),
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(_))
+    ));
+    r.close_channel(1);
+}
+
+#[test]
+fn the_default_exchange_cannot_be_declared_or_deleted() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+            exchange: "".into(),
+            kind: "direct".into(),
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => {
+            assert_eq!(cl.reply_code, 403);
+            assert_eq!(
+                cl.reply_text.as_str(),
+                "ACCESS_REFUSED - operation not permitted on the default exchange"
+            );
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+            exchange: "".into(),
+            ..Default::default()
+        })),
+    );
+    assert_eq!(r.expect_channel_close(), 403);
+}
+
 #[test]
 fn a_client_close_crossing_the_servers_close_is_answered_and_the_connection_survives() {
     let server = Server::start();
@@ -448,4 +531,107 @@ fn a_client_close_crossing_the_servers_close_is_answered_and_the_connection_surv
     r.open_channel(1);
     r.close_channel(1);
     r.close_channel(2);
+}
+
+#[test]
+fn a_nonzero_prefetch_size_closes_the_connection_with_540() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    // basic.qos: prefetch-size 1000, prefetch-count 10, not global.
+    r.send(&frame(
+        FRAME_METHOD,
+        1,
+        &[0, 60, 0, 10, 0, 0, 0x03, 0xe8, 0, 10, 0],
+    ));
+    let (code, text) = close_connection_reply(&mut r);
+    assert_eq!(code, 540);
+    assert_eq!(text, "NOT_IMPLEMENTED - prefetch_size!=0 (1000)");
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn recover_without_requeue_closes_the_connection_with_540() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Recover(basic::Recover {
+            requeue: false,
+        })),
+    );
+    let (code, text) = close_connection_reply(&mut r);
+    assert_eq!(code, 540);
+    assert_eq!(text, "NOT_IMPLEMENTED - requeue=false");
+    // With requeue it is answered.
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Recover(basic::Recover { requeue: true })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::RecoverOk(_))
+    ));
+}
+
+#[test]
+fn if_empty_refuses_to_delete_a_quorum_queue_holding_messages() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    declare_queue(&mut r, 1, "qq", true);
+    r.send_method(
+        1,
+        &AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))
+    ));
+    publish(&mut r, 1, "", "qq", b"m");
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::Ack(_))
+    ));
+    r.send_method(
+        1,
+        &AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "qq".into(),
+            if_empty: true,
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => {
+            assert_eq!(cl.reply_code, 406);
+            assert_eq!(
+                cl.reply_text.as_str(),
+                "PRECONDITION_FAILED - queue 'qq' in vhost '/' not empty"
+            );
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    // The queue and its message are still there.
+    r.open_channel(2);
+    r.send_method(
+        2,
+        &AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "qq".into(),
+            passive: true,
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 2) {
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => assert_eq!(ok.message_count, 1),
+        other => panic!("expected queue.declare-ok, got {other:?}"),
+    }
 }

@@ -14,7 +14,7 @@
 
 use super::confirms::Confirms;
 use super::connection::{Conn, short};
-use super::frame::Frame;
+use super::frame::{self, Frame};
 use super::reply::{self, AmqpError};
 use crate::broker::metadata::{
     BindingDef, Destination, ExchangeDef, ExchangeKind, MetaCommand, QueueDef,
@@ -233,6 +233,7 @@ impl Conn {
                 method,
                 class_id,
                 method_id,
+                args,
                 ..
             } => {
                 if c.content.is_some() {
@@ -242,6 +243,17 @@ impl Conn {
                             "expected content header for class 60, got non content header frame instead (method {class_id}/{method_id})"
                         ),
                     ));
+                }
+                if (class_id, method_id) == (60, 10) {
+                    let size = frame::qos_prefetch_size(&args);
+                    if size != 0 {
+                        // RabbitMQ has never implemented a byte limit.
+                        return Err(AmqpError::new(
+                            reply::NOT_IMPLEMENTED,
+                            format!("prefetch_size!=0 ({size})"),
+                        )
+                        .on(class_id, method_id));
+                    }
                 }
                 self.channel_method(ch, c, *method).await.map_err(|e| {
                     if e.class_id == 0 {
@@ -647,6 +659,8 @@ impl Conn {
                 } else {
                     let h = self.queue_access(name)?;
                     let counts = h.counts().await.unwrap_or_default();
+                    // Quorum queues honour if-unused and if-empty too, where
+                    // RabbitMQ refuses both flags on them (see README).
                     if d.if_unused && counts.consumers > 0 {
                         return Err(AmqpError::new(
                             reply::PRECONDITION_FAILED,
@@ -656,7 +670,7 @@ impl Conn {
                     if d.if_empty && counts.ready > 0 {
                         return Err(AmqpError::new(
                             reply::PRECONDITION_FAILED,
-                            format!("queue '{name}' in vhost '{vhost}' is not empty"),
+                            format!("queue '{name}' in vhost '{vhost}' not empty"),
                         ));
                     }
                     self.node.delete_queue(&vhost, name).await?
@@ -843,11 +857,16 @@ impl Conn {
                     }
                 }
             }
-            basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
+            basic::AMQPMethod::Recover(basic::Recover { requeue })
+            | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
+                if !requeue {
+                    // Redelivery to the original recipient: RabbitMQ has
+                    // never implemented it either.
+                    return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "requeue=false"));
+                }
                 let is_sync = matches!(m, basic::AMQPMethod::Recover(_));
                 let items: Vec<(u64, Unacked)> =
                     std::mem::take(&mut c.unacked).into_iter().collect();
-                // Quorum queues always requeue on recover; so does Warren.
                 self.settle(c.owner, items, Settle::Return).await;
                 if is_sync {
                     ok!(self, ch, basic, RecoverOk, basic::RecoverOk {});
