@@ -411,6 +411,30 @@ fn declare_queue(r: &mut Raw, ch: u16, name: &str, durable: bool) {
     ));
 }
 
+fn consume(r: &mut Raw, ch: u16, queue: &str) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: queue.into(),
+            ..Default::default()
+        })),
+    );
+}
+
+fn global_qos(r: &mut Raw, ch: u16, prefetch_count: u16) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count,
+            global: true,
+        })),
+    );
+    assert!(matches!(
+        recv_on(r, ch),
+        AMQPClass::Basic(basic::AMQPMethod::QosOk(_))
+    ));
+}
+
 fn close_connection_reply(r: &mut Raw) -> (u16, String) {
     loop {
         match r.recv_method() {
@@ -575,6 +599,38 @@ fn recover_without_requeue_closes_the_connection_with_540() {
         recv_on(&mut r, 1),
         AMQPClass::Basic(basic::AMQPMethod::RecoverOk(_))
     ));
+}
+
+#[test]
+fn consuming_from_a_quorum_queue_under_a_global_prefetch_closes_with_540() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    declare_queue(&mut r, 1, "qq", true);
+    // A global prefetch of 0 is no limit: consuming is fine.
+    global_qos(&mut r, 1, 0);
+    consume(&mut r, 1, "qq");
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+    ));
+    r.close_channel(1);
+    // basic.qos with global itself is accepted; the consume is refused.
+    r.open_channel(2);
+    global_qos(&mut r, 2, 10);
+    declare_queue(&mut r, 2, "classic", false);
+    consume(&mut r, 2, "classic");
+    assert!(matches!(
+        recv_on(&mut r, 2),
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+    ));
+    consume(&mut r, 2, "qq");
+    let (code, text) = close_connection_reply(&mut r);
+    assert_eq!(code, 540);
+    assert_eq!(
+        text,
+        "NOT_IMPLEMENTED - queue 'qq' in vhost '/' does not support global qos"
+    );
 }
 
 #[test]
