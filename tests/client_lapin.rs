@@ -1,6 +1,7 @@
 //! Warren driven by lapin, a real Rust AMQP client: ordering, large bodies,
 //! every property and header type, confirms, acks and redelivery, prefetch,
-//! and publishers blocked by the memory alarm while consumers go on.
+//! a channel-wide (global) prefetch, and publishers blocked by the memory
+//! alarm while consumers go on.
 
 mod common;
 
@@ -458,4 +459,136 @@ async fn publishers_are_blocked_by_the_memory_alarm_while_consumers_keep_receivi
             .unwrap()
             .is_ack()
     );
+}
+
+/// Forwards the deliveries of several consumers to one receiver, in
+/// arrival order.
+fn merge(
+    consumers: Vec<lapin::Consumer>,
+) -> tokio::sync::mpsc::UnboundedReceiver<lapin::message::Delivery> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for mut c in consumers {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = c.next().await {
+                if tx.send(d).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
+/// The next `n` deliveries, then half a second without another.
+async fn exactly(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<lapin::message::Delivery>,
+    n: usize,
+) -> Vec<lapin::message::Delivery> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let d = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} deliveries arrived", got.len()))
+            .expect("consumers open");
+        got.push(d);
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+    assert!(extra.is_err(), "a delivery beyond the expected {n}");
+    got
+}
+
+/// Declares a non-durable (classic) queue holding `n` one-byte messages.
+async fn classic_queue_with(ch: &Channel, name: &str, n: u8) {
+    queue_with(ch, name, n, false).await
+}
+
+/// A queue holding `n` one-byte messages: classic, or (durable) quorum.
+async fn queue_with(ch: &Channel, name: &str, n: u8, durable: bool) {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..n {
+        ch.basic_publish(
+            "".into(),
+            name.into(),
+            BasicPublishOptions::default(),
+            &[i],
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn consume(ch: &Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_global_prefetch_is_shared_by_the_channels_consumers_of_every_queue_kind() {
+    let server = Server::start();
+    let conn = connect(&server).await;
+    let ch = conn.create_channel().await.unwrap();
+    // One classic queue and one quorum queue (durable: Warren's default
+    // kind), consumed on one channel.
+    queue_with(&ch, "g1", 5, false).await;
+    queue_with(&ch, "g2", 5, true).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(3, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let c1 = consume(&cch, "g1", "c1").await;
+    let c2 = consume(&cch, "g2", "c2").await;
+    let mut rx = merge(vec![c1, c2]);
+    // Three across both consumers, not three each.
+    let first = exactly(&mut rx, 3).await;
+    // One ack makes room for one more.
+    first[0].ack(BasicAckOptions::default()).await.unwrap();
+    let more = exactly(&mut rx, 1).await;
+    // Acking everything outstanding makes room for three.
+    more[0]
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .unwrap();
+    exactly(&mut rx, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_global_prefetch_applies_to_existing_consumers() {
+    let server = Server::start();
+    let conn = connect(&server).await;
+    let ch = conn.create_channel().await.unwrap();
+    classic_queue_with(&ch, "g", 8).await;
+    let cch = conn.create_channel().await.unwrap();
+    cch.basic_qos(1, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    let mut rx = merge(vec![consume(&cch, "g", "c").await]);
+    exactly(&mut rx, 1).await;
+    // Raised: two more without any ack.
+    cch.basic_qos(3, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    exactly(&mut rx, 2).await;
+    // A per-consumer qos lifts the channel's limit, as in RabbitMQ; this
+    // consumer was created without a limit of its own, so the rest comes.
+    cch.basic_qos(1, BasicQosOptions { global: false })
+        .await
+        .unwrap();
+    exactly(&mut rx, 5).await;
 }

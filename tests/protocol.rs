@@ -1,14 +1,20 @@
 //! The wire, seen by a client that misbehaves: bad headers, garbage,
 //! truncated and oversized frames, frames on unopened channels, silent
 //! clients. Each gets the reply code the spec names, and other clients are
-//! not disturbed.
+//! not disturbed. Also the replies RabbitMQ gives to methods stock clients
+//! send at its edges (closes that cross, missing or reserved names,
+//! arguments RabbitMQ does not implement), checked frame by frame.
 
 mod common;
 
-use amq_protocol::protocol::{AMQPClass, basic, channel as chan, connection as conn};
+use amq_protocol::protocol::{
+    AMQPClass, basic, channel as chan, confirm, connection as conn, exchange, queue,
+};
 use common::{Got, Raw, Server};
 use std::time::{Duration, Instant};
-use warren::amqp::frame::{FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, PROTOCOL_HEADER};
+use warren::amqp::frame::{
+    FRAME_BODY, FRAME_END, FRAME_HEADER, FRAME_METHOD, Frame, PROTOCOL_HEADER,
+};
 
 fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
     let mut b = vec![kind];
@@ -356,4 +362,317 @@ fn an_unknown_delivery_tag_closes_the_channel_with_406_and_the_connection_surviv
     // Another channel on the same connection still works.
     r.open_channel(2);
     r.close_channel(2);
+}
+
+/// Reads until a method arrives on channel `ch` (methods on other channels
+/// and heartbeats are skipped); panics on EOF.
+fn recv_on(r: &mut Raw, ch: u16) -> AMQPClass {
+    loop {
+        match r.recv() {
+            Got::Frame(Frame::Method {
+                channel, method, ..
+            }) if channel == ch => return *method,
+            Got::Frame(_) => continue,
+            other => panic!("expected a method on channel {ch}, got {other:?}"),
+        }
+    }
+}
+
+/// Sends a publish with its header and body frames (no properties).
+fn publish(r: &mut Raw, ch: u16, exchange: &str, routing_key: &str, body: &[u8]) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            mandatory: false,
+            immediate: false,
+        })),
+    );
+    let mut header = vec![0, 60, 0, 0];
+    header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0]);
+    r.send(&frame(FRAME_HEADER, ch, &header));
+    r.send(&frame(FRAME_BODY, ch, body));
+}
+
+fn declare_queue(r: &mut Raw, ch: u16, name: &str, durable: bool) {
+    r.send_method(
+        ch,
+        &AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: name.into(),
+            durable,
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        recv_on(r, ch),
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(_))
+    ));
+}
+
+fn consume(r: &mut Raw, ch: u16, queue: &str) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Consume(basic::Consume {
+            queue: queue.into(),
+            ..Default::default()
+        })),
+    );
+}
+
+fn global_qos(r: &mut Raw, ch: u16, prefetch_count: u16) {
+    r.send_method(
+        ch,
+        &AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+            prefetch_count,
+            global: true,
+        })),
+    );
+    assert!(matches!(
+        recv_on(r, ch),
+        AMQPClass::Basic(basic::AMQPMethod::QosOk(_))
+    ));
+}
+
+fn close_connection_reply(r: &mut Raw) -> (u16, String) {
+    loop {
+        match r.recv_method() {
+            Some(AMQPClass::Connection(conn::AMQPMethod::Close(cl))) => {
+                return (cl.reply_code, cl.reply_text.to_string());
+            }
+            Some(_) => continue,
+            None => panic!("connection ended without connection.close"),
+        }
+    }
+}
+
+#[test]
+fn deleting_a_missing_queue_or_exchange_answers_delete_ok() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "never-declared".into(),
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)) => assert_eq!(ok.message_count, 0),
+        other => panic!("expected queue.delete-ok, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+            exchange: "never-declared".into(),
+            ..Default::default()
+        })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(_))
+    ));
+    r.close_channel(1);
+}
+
+#[test]
+fn the_default_exchange_cannot_be_declared_or_deleted() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Declare(exchange::Declare {
+            exchange: "".into(),
+            kind: "direct".into(),
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => {
+            assert_eq!(cl.reply_code, 403);
+            assert_eq!(
+                cl.reply_text.as_str(),
+                "ACCESS_REFUSED - operation not permitted on the default exchange"
+            );
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Exchange(exchange::AMQPMethod::Delete(exchange::Delete {
+            exchange: "".into(),
+            ..Default::default()
+        })),
+    );
+    assert_eq!(r.expect_channel_close(), 403);
+}
+
+#[test]
+fn a_client_close_crossing_the_servers_close_is_answered_and_the_connection_survives() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.open_channel(2);
+    // The first publish earns a 404 channel.close; the client sends more on
+    // the channel, then its own close, before it reads the server's close.
+    publish(&mut r, 1, "no-such-exchange", "k", b"one");
+    publish(&mut r, 1, "no-such-exchange", "k", b"two");
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::Close(chan::Close {
+            reply_code: 200,
+            reply_text: "bye".into(),
+            class_id: 0,
+            method_id: 0,
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => assert_eq!(cl.reply_code, 404),
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    // The second publish was dropped (no second close); the client's close
+    // is answered.
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Channel(chan::AMQPMethod::CloseOk(_))
+    ));
+    // The client answers the server's close, as clients do.
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    // The other channel and the connection are still usable, and the
+    // channel number can be opened again.
+    declare_queue(&mut r, 2, "still-here", false);
+    r.open_channel(1);
+    r.close_channel(1);
+    r.close_channel(2);
+}
+
+#[test]
+fn a_nonzero_prefetch_size_closes_the_connection_with_540() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    // basic.qos: prefetch-size 1000, prefetch-count 10, not global.
+    r.send(&frame(
+        FRAME_METHOD,
+        1,
+        &[0, 60, 0, 10, 0, 0, 0x03, 0xe8, 0, 10, 0],
+    ));
+    let (code, text) = close_connection_reply(&mut r);
+    assert_eq!(code, 540);
+    assert_eq!(text, "NOT_IMPLEMENTED - prefetch_size!=0 (1000)");
+    assert_server_healthy(&server);
+}
+
+#[test]
+fn recover_without_requeue_closes_the_connection_with_540() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Recover(basic::Recover {
+            requeue: false,
+        })),
+    );
+    let (code, text) = close_connection_reply(&mut r);
+    assert_eq!(code, 540);
+    assert_eq!(text, "NOT_IMPLEMENTED - requeue=false");
+    // With requeue it is answered.
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    r.send_method(
+        1,
+        &AMQPClass::Basic(basic::AMQPMethod::Recover(basic::Recover { requeue: true })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::RecoverOk(_))
+    ));
+}
+
+#[test]
+fn a_quorum_queue_accepts_a_consumer_under_a_global_prefetch() {
+    // RabbitMQ refuses this with 540; Warren's durable queues are quorum
+    // queues by default and Celery asks for a global prefetch, so Warren
+    // honours the limit instead (README, differences from RabbitMQ).
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    declare_queue(&mut r, 1, "qq", true);
+    global_qos(&mut r, 1, 10);
+    consume(&mut r, 1, "qq");
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(_))
+    ));
+}
+
+#[test]
+fn if_empty_refuses_to_delete_a_quorum_queue_holding_messages() {
+    let server = Server::start();
+    let mut r = Raw::handshake(&server, 0, &[]);
+    r.open_channel(1);
+    declare_queue(&mut r, 1, "qq", true);
+    r.send_method(
+        1,
+        &AMQPClass::Confirm(confirm::AMQPMethod::Select(confirm::Select {
+            nowait: false,
+        })),
+    );
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(_))
+    ));
+    publish(&mut r, 1, "", "qq", b"m");
+    assert!(matches!(
+        recv_on(&mut r, 1),
+        AMQPClass::Basic(basic::AMQPMethod::Ack(_))
+    ));
+    r.send_method(
+        1,
+        &AMQPClass::Queue(queue::AMQPMethod::Delete(queue::Delete {
+            queue: "qq".into(),
+            if_empty: true,
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 1) {
+        AMQPClass::Channel(chan::AMQPMethod::Close(cl)) => {
+            assert_eq!(cl.reply_code, 406);
+            assert_eq!(
+                cl.reply_text.as_str(),
+                "PRECONDITION_FAILED - queue 'qq' in vhost '/' not empty"
+            );
+        }
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    r.send_method(
+        1,
+        &AMQPClass::Channel(chan::AMQPMethod::CloseOk(chan::CloseOk {})),
+    );
+    // The queue and its message are still there.
+    r.open_channel(2);
+    r.send_method(
+        2,
+        &AMQPClass::Queue(queue::AMQPMethod::Declare(queue::Declare {
+            queue: "qq".into(),
+            passive: true,
+            ..Default::default()
+        })),
+    );
+    match recv_on(&mut r, 2) {
+        AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)) => assert_eq!(ok.message_count, 1),
+        other => panic!("expected queue.declare-ok, got {other:?}"),
+    }
 }

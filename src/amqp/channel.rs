@@ -6,12 +6,18 @@
 //! A soft error closes only the channel (`channel.close` with the reply
 //! code); the channel's consumers are cancelled and its unacknowledged
 //! messages returned at once, and frames other than `channel.close-ok` are
-//! ignored until the client answers, as the spec requires.
+//! ignored until the client answers, as the spec requires. A client's own
+//! `channel.close` that crossed ours is answered with `close-ok`, and the
+//! channel still waits for the client's `close-ok` to ours, as RabbitMQ's
+//! does: forgetting it earlier would make that `close-ok` a frame on an
+//! unopened channel, a connection error.
 
 use super::confirms::Confirms;
 use super::connection::{Conn, short};
-use super::frame::Frame;
+use super::frame::{self, Frame};
+use super::prefetch::{Delivery, SharedPrefetch, queue_limit};
 use super::reply::{self, AmqpError};
+use super::writer::OutBuf;
 use crate::broker::metadata::{
     BindingDef, Destination, ExchangeDef, ExchangeKind, MetaCommand, QueueDef,
 };
@@ -44,11 +50,21 @@ struct Pending {
 struct Unacked {
     queue: Arc<str>,
     id: MsgId,
+    /// Counts toward the channel's shared prefetch limit.
+    shared: bool,
 }
 
 struct ConsumerInfo {
     queue: Arc<str>,
     no_ack: bool,
+    /// The per-consumer prefetch in force when it was created.
+    prefetch: u16,
+    /// On a classic queue: subject to the channel's global prefetch.
+    /// (Quorum queues refuse consumers while a global limit is set, and
+    /// ignore one set later, as RabbitMQ's do.)
+    shared: bool,
+    /// The prefetch its queue enforces for it, as last told.
+    queue_limit: u32,
 }
 
 /// Work a transaction holds until `tx.commit`.
@@ -77,6 +93,9 @@ pub struct Channel {
     consumers: HashMap<Arc<str>, ConsumerInfo>,
     /// Prefetch for consumers created from now on (`basic.qos`).
     prefetch: u16,
+    /// The channel-wide limit (`basic.qos` with `global`) and the
+    /// deliveries it holds back.
+    shared: SharedPrefetch,
     /// Queues that may hold this channel's consumers or deliveries.
     queues_used: BTreeSet<Arc<str>>,
     /// The consumer tag of this channel's direct reply-to consumer.
@@ -164,7 +183,8 @@ impl Conn {
             };
         };
         if c.closing {
-            // Only the close handshake matters now.
+            // Only the close handshake matters now: everything else the
+            // client sent before it saw our channel.close is dropped.
             if let Frame::Method { method, .. } = f {
                 match *method {
                     AMQPClass::Channel(chan::AMQPMethod::CloseOk(_)) => {
@@ -172,9 +192,9 @@ impl Conn {
                         return Ok(());
                     }
                     AMQPClass::Channel(chan::AMQPMethod::Close(_)) => {
+                        // Its close crossed ours. It will still answer ours
+                        // with close-ok, so the channel stays until then.
                         ok!(self, ch, chan, CloseOk, chan::CloseOk {});
-                        self.forget_channel(c);
-                        return Ok(());
                     }
                     _ => {}
                 }
@@ -228,6 +248,7 @@ impl Conn {
                 method,
                 class_id,
                 method_id,
+                args,
                 ..
             } => {
                 if c.content.is_some() {
@@ -237,6 +258,17 @@ impl Conn {
                             "expected content header for class 60, got non content header frame instead (method {class_id}/{method_id})"
                         ),
                     ));
+                }
+                if (class_id, method_id) == (60, 10) {
+                    let size = frame::qos_prefetch_size(&args);
+                    if size != 0 {
+                        // RabbitMQ has never implemented a byte limit.
+                        return Err(AmqpError::new(
+                            reply::NOT_IMPLEMENTED,
+                            format!("prefetch_size!=0 ({size})"),
+                        )
+                        .on(class_id, method_id));
+                    }
                 }
                 self.channel_method(ch, c, *method).await.map_err(|e| {
                     if e.class_id == 0 {
@@ -699,6 +731,8 @@ impl Conn {
                 } else {
                     let h = self.queue_access(name).await?;
                     let counts = h.counts().await.unwrap_or_default();
+                    // Quorum queues honour if-unused and if-empty too, where
+                    // RabbitMQ refuses both flags on them (see README).
                     if d.if_unused && counts.consumers > 0 {
                         return Err(AmqpError::new(
                             reply::PRECONDITION_FAILED,
@@ -708,7 +742,7 @@ impl Conn {
                     if d.if_empty && counts.ready > 0 {
                         return Err(AmqpError::new(
                             reply::PRECONDITION_FAILED,
-                            format!("queue '{name}' in vhost '{vhost}' is not empty"),
+                            format!("queue '{name}' in vhost '{vhost}' not empty"),
                         ));
                     }
                     self.node.delete_queue(&vhost, name).await?
@@ -757,11 +791,17 @@ impl Conn {
                 });
             }
             basic::AMQPMethod::Qos(q) => {
-                // Both global and per-consumer prefetch limit each consumer
-                // created afterwards (quorum queues do not share a limit
-                // across a channel's consumers; see README).
-                c.prefetch = q.prefetch_count;
+                // (A prefetch_size other than 0 was refused on arrival.)
+                if q.global {
+                    self.set_global_prefetch(c, q.prefetch_count).await;
+                } else {
+                    // Limits consumers created from now on. RabbitMQ (3.8
+                    // on) also lifts the channel's global limit here.
+                    c.prefetch = q.prefetch_count;
+                    self.set_global_prefetch(c, 0).await;
+                }
                 ok!(self, ch, basic, QosOk, basic::QosOk {});
+                self.send_released(ch, c);
             }
             basic::AMQPMethod::Consume(k) => self.consume(ch, c, k).await?,
             basic::AMQPMethod::Cancel(k) => {
@@ -781,6 +821,9 @@ impl Conn {
                             ))
                             .await;
                     }
+                    // What the shared limit held back was never sent.
+                    let held = c.shared.take_consumer(&tag);
+                    return_to_queue(&self.node, &self.vhost, c.owner, held);
                 }
                 if !k.nowait {
                     ok!(
@@ -823,6 +866,7 @@ impl Conn {
                                     Unacked {
                                         queue: h.name.clone(),
                                         id,
+                                        shared: false,
                                     },
                                 );
                             }
@@ -852,6 +896,7 @@ impl Conn {
                     Some(t) => t.push(TxOp::Ack(items)),
                     None => self.settle(c.owner, items, Settle::Ack).await,
                 }
+                self.send_released(ch, c);
             }
             basic::AMQPMethod::Nack(n) => {
                 let items = take_tags(c, n.delivery_tag, n.multiple)?;
@@ -873,6 +918,7 @@ impl Conn {
                         .await
                     }
                 }
+                self.send_released(ch, c);
             }
             basic::AMQPMethod::Reject(r) => {
                 let items = take_tags(c, r.delivery_tag, false)?;
@@ -894,16 +940,24 @@ impl Conn {
                         .await
                     }
                 }
+                self.send_released(ch, c);
             }
-            basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
+            basic::AMQPMethod::Recover(basic::Recover { requeue })
+            | basic::AMQPMethod::RecoverAsync(basic::RecoverAsync { requeue }) => {
+                if !requeue {
+                    // Redelivery to the original recipient: RabbitMQ has
+                    // never implemented it either.
+                    return Err(AmqpError::new(reply::NOT_IMPLEMENTED, "requeue=false"));
+                }
                 let is_sync = matches!(m, basic::AMQPMethod::Recover(_));
                 let items: Vec<(u64, Unacked)> =
                     std::mem::take(&mut c.unacked).into_iter().collect();
-                // Quorum queues always requeue on recover; so does Warren.
+                c.shared.settled(shared_count(&items));
                 self.settle(c.owner, items, Settle::Return).await;
                 if is_sync {
                     ok!(self, ch, basic, RecoverOk, basic::RecoverOk {});
                 }
+                self.send_released(ch, c);
             }
             _ => {
                 return Err(AmqpError::new(
@@ -954,6 +1008,17 @@ impl Conn {
             return Ok(());
         }
         let h = self.queue_access(k.queue.as_str()).await?;
+        // A global prefetch is one limit for all of the channel's consumers,
+        // enforced here, by the channel, for every kind of queue. RabbitMQ
+        // refuses it on quorum queues (540); in Warren every durable queue
+        // is a quorum queue, and Celery asks for a global prefetch by
+        // default, so Warren honours it instead (README, differences).
+        let shared = !k.no_ack;
+        let limit = if shared {
+            queue_limit(c.prefetch, c.shared.limit())
+        } else {
+            c.prefetch.into()
+        };
         let priority = k
             .arguments
             .inner()
@@ -972,7 +1037,7 @@ impl Conn {
         let spec = ConsumerSpec {
             owner: c.owner,
             tag: tag.clone(),
-            prefetch: c.prefetch as u32,
+            prefetch: limit,
             priority,
             no_ack: k.no_ack,
         };
@@ -1006,6 +1071,9 @@ impl Conn {
             ConsumerInfo {
                 queue: h.name.clone(),
                 no_ack: k.no_ack,
+                prefetch: c.prefetch,
+                shared,
+                queue_limit: limit,
             },
         );
         if !k.nowait {
@@ -1262,6 +1330,7 @@ impl Conn {
                 // again, under their original tags.
                 for op in ops {
                     if let TxOp::Ack(items) | TxOp::Nack { items, .. } = op {
+                        c.shared.restored(shared_count(&items));
                         c.unacked.extend(items);
                     }
                 }
@@ -1293,38 +1362,43 @@ impl Conn {
                 msg,
                 redelivered,
             } => {
-                let Some(info) = c.consumers.get(&tag).filter(|_| !c.closing) else {
-                    // Cancelled meanwhile: the message goes back, even when
-                    // the queue's inbox is full (or its credit would leak).
-                    if let Some(h) = self.node.queue(&self.vhost, &queue) {
-                        let ret = Request::Apply(
-                            Command::Return {
-                                owner: c.owner,
-                                ids: vec![id],
-                                now_ms: now_ms(),
-                            },
-                            None,
-                        );
-                        if let Err(req) = h.try_send(ret) {
-                            tokio::spawn(async move { h.send(*req).await });
-                        }
-                    }
+                let d = Delivery {
+                    queue,
+                    tag,
+                    id,
+                    msg,
+                    redelivered,
+                };
+                let Some(info) = c.consumers.get(&d.tag).filter(|_| !c.closing) else {
+                    // Cancelled meanwhile: the message goes back.
+                    return_to_queue(&self.node, &self.vhost, c.owner, vec![d]);
                     return;
                 };
-                let dtag = c.next_tag;
-                c.next_tag += 1;
-                if !info.no_ack {
-                    c.unacked.insert(
-                        dtag,
-                        Unacked {
-                            queue: queue.clone(),
-                            id,
-                        },
-                    );
-                }
-                self.out.deliver(ch, &tag, dtag, redelivered, &msg);
-                self.out.content(ch, &msg, self.frame_max);
-                self.node.metrics.delivered.inc();
+                let tracking = if info.no_ack {
+                    Tracking::NoAck
+                } else {
+                    Tracking::Unacked {
+                        shared: info.shared,
+                    }
+                };
+                let d = if info.shared {
+                    // Counted now, or held until acks make room.
+                    match c.shared.admit(d) {
+                        Some(d) => d,
+                        None => return,
+                    }
+                } else {
+                    d
+                };
+                write_delivery(
+                    &mut self.out,
+                    &self.node,
+                    self.frame_max,
+                    ch,
+                    c,
+                    d,
+                    tracking,
+                );
             }
             ChannelEvent::Confirm { seq, accepted } => {
                 if let Some(cf) = c.confirms.as_mut() {
@@ -1345,6 +1419,10 @@ impl Conn {
                     _ => Vec::new(),
                 };
                 for tag in tags {
+                    // What the shared limit held back for it is no longer
+                    // ours: the queue was deleted, or took back everything
+                    // this channel had before it cancelled the consumer.
+                    c.shared.take_consumer(&tag);
                     if c.consumers.remove(&tag).is_some()
                         && self.caps.consumer_cancel_notify
                         && !c.closing
@@ -1385,6 +1463,50 @@ impl Conn {
         }
     }
 
+    // ----- shared prefetch (basic.qos global) -------------------------------
+
+    /// Sets the channel's global prefetch and tells the queues of its
+    /// consumers of classic queues their new limit. Call
+    /// [`send_released`](Self::send_released) afterwards.
+    async fn set_global_prefetch(&mut self, c: &mut Channel, limit: u16) {
+        c.shared.set_limit(limit);
+        for (tag, info) in c.consumers.iter_mut().filter(|(_, i)| i.shared) {
+            let want = queue_limit(info.prefetch, limit);
+            if want == info.queue_limit {
+                continue;
+            }
+            info.queue_limit = want;
+            if let Some(h) = self.node.queue(&self.vhost, &info.queue) {
+                let _ = h
+                    .send(Request::Apply(
+                        Command::SetPrefetch {
+                            owner: c.owner,
+                            tag: tag.clone(),
+                            prefetch: want,
+                        },
+                        None,
+                    ))
+                    .await;
+            }
+        }
+    }
+
+    /// Sends the deliveries the shared limit now has room for.
+    fn send_released(&mut self, ch: u16, c: &mut Channel) {
+        for d in c.shared.release() {
+            let tracking = Tracking::Unacked { shared: true };
+            write_delivery(
+                &mut self.out,
+                &self.node,
+                self.frame_max,
+                ch,
+                c,
+                d,
+                tracking,
+            );
+        }
+    }
+
     // ----- closing ---------------------------------------------------------
 
     /// Cancels the channel's consumers and returns its unacknowledged
@@ -1393,6 +1515,7 @@ impl Conn {
         c.content = None;
         c.consumers.clear();
         c.unacked.clear();
+        c.shared.clear();
         c.reply_consumer = None;
         let owner = c.owner;
         for q in std::mem::take(&mut c.queues_used) {
@@ -1425,6 +1548,74 @@ impl Conn {
     }
 }
 
+/// What the channel keeps of a delivery it sends.
+#[derive(Clone, Copy)]
+enum Tracking {
+    /// Nothing: a `no_ack` consumer's delivery is settled once sent.
+    NoAck,
+    /// Unacknowledged until settled; `shared` when the shared prefetch
+    /// limit counted it.
+    Unacked { shared: bool },
+}
+
+/// Writes a delivery to the client under the channel's next delivery tag.
+fn write_delivery(
+    out: &mut OutBuf,
+    node: &Node,
+    frame_max: u32,
+    ch: u16,
+    c: &mut Channel,
+    d: Delivery,
+    tracking: Tracking,
+) {
+    let dtag = c.next_tag;
+    c.next_tag += 1;
+    out.deliver(ch, &d.tag, dtag, d.redelivered, &d.msg);
+    out.content(ch, &d.msg, frame_max);
+    node.metrics.delivered.inc();
+    if let Tracking::Unacked { shared } = tracking {
+        c.unacked.insert(
+            dtag,
+            Unacked {
+                queue: d.queue,
+                id: d.id,
+                shared,
+            },
+        );
+    }
+}
+
+/// Gives deliveries that never reached the client back to their queues at
+/// once, without waiting for room in an inbox (the caller may be the
+/// connection's event loop, and a queue's credit must not leak).
+fn return_to_queue(node: &Node, vhost: &str, owner: OwnerId, ds: Vec<Delivery>) {
+    let mut by_queue: BTreeMap<Arc<str>, Vec<MsgId>> = BTreeMap::new();
+    for d in ds {
+        by_queue.entry(d.queue).or_default().push(d.id);
+    }
+    for (queue, ids) in by_queue {
+        let Some(h) = node.queue(vhost, &queue) else {
+            continue;
+        };
+        let ret = Request::Apply(
+            Command::Return {
+                owner,
+                ids,
+                now_ms: now_ms(),
+            },
+            None,
+        );
+        if let Err(req) = h.try_send(ret) {
+            tokio::spawn(async move { h.send(*req).await });
+        }
+    }
+}
+
+/// How many of these deliveries count toward the shared prefetch limit.
+fn shared_count(items: &[(u64, Unacked)]) -> u32 {
+    items.iter().filter(|(_, u)| u.shared).count() as u32
+}
+
 /// A binding as a definition command names it.
 fn binding(
     source: &ShortString,
@@ -1448,8 +1639,19 @@ enum Settle {
 }
 
 /// Removes the deliveries an ack/nack names: one tag, or with `multiple`
-/// every tag up to it (0 meaning all). An unknown tag is a channel error.
+/// every tag up to it (0 meaning all), and makes room for them under the
+/// shared prefetch limit. An unknown tag is a channel error.
 fn take_tags(c: &mut Channel, tag: u64, multiple: bool) -> Result<Vec<(u64, Unacked)>, AmqpError> {
+    let items = take_unacked(c, tag, multiple)?;
+    c.shared.settled(shared_count(&items));
+    Ok(items)
+}
+
+fn take_unacked(
+    c: &mut Channel,
+    tag: u64,
+    multiple: bool,
+) -> Result<Vec<(u64, Unacked)>, AmqpError> {
     if multiple {
         let items: Vec<(u64, Unacked)> = if tag == 0 {
             std::mem::take(&mut c.unacked).into_iter().collect()

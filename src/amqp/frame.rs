@@ -33,6 +33,10 @@ pub enum Frame {
         class_id: u16,
         method_id: u16,
         method: Box<AMQPClass>,
+        /// The frame's payload as sent (class and method ids first), for
+        /// the arguments `amq-protocol` does not keep: see
+        /// [`qos_prefetch_size`].
+        args: Bytes,
     },
     Header {
         channel: u16,
@@ -109,7 +113,7 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, AmqpE
 
 fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, AmqpError> {
     match kind {
-        FRAME_METHOD => decode_method(channel, &payload),
+        FRAME_METHOD => decode_method(channel, payload),
         FRAME_HEADER => decode_header(channel, payload),
         FRAME_BODY => Ok(Frame::Body { channel, payload }),
         _ => {
@@ -124,7 +128,7 @@ fn decode_payload(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, AmqpE
     }
 }
 
-fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, AmqpError> {
+fn decode_method(channel: u16, payload: Bytes) -> Result<Frame, AmqpError> {
     if payload.len() < 4 {
         return Err(AmqpError::new(
             reply::FRAME_ERROR,
@@ -140,12 +144,13 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, AmqpError> {
         )
         .on(class_id, method_id));
     }
-    match amq_protocol::protocol::parse_class(payload) {
+    match amq_protocol::protocol::parse_class(&payload[..]) {
         Ok((_, method)) => Ok(Frame::Method {
             channel,
             class_id,
             method_id,
             method: Box::new(method),
+            args: payload,
         }),
         Err(_) => Err(AmqpError::new(
             reply::SYNTAX_ERROR,
@@ -153,6 +158,15 @@ fn decode_method(channel: u16, payload: &[u8]) -> Result<Frame, AmqpError> {
         )
         .on(class_id, method_id)),
     }
+}
+
+/// The `prefetch-size` of a `basic.qos` method frame's payload (`args`).
+/// `amq-protocol` parses and drops it, since RabbitMQ accepts only 0; Warren
+/// must see it to refuse any other value as RabbitMQ does.
+pub fn qos_prefetch_size(args: &[u8]) -> u32 {
+    args.get(4..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
 }
 
 fn decode_header(channel: u16, payload: Bytes) -> Result<Frame, AmqpError> {
@@ -339,6 +353,24 @@ mod tests {
             panic!("not a method")
         };
         assert_eq!(*method, m);
+    }
+
+    #[test]
+    fn a_qos_prefetch_size_is_read_from_the_raw_arguments() {
+        // basic.qos: prefetch-size 1000, prefetch-count 5, global.
+        let payload = [0, 60, 0, 10, 0, 0, 0x03, 0xe8, 0, 5, 1];
+        let mut buf = frame_bytes(FRAME_METHOD, 1, &payload);
+        let Frame::Method { method, args, .. } = decode(&mut buf, 131072).unwrap().unwrap() else {
+            panic!("not a method")
+        };
+        assert_eq!(qos_prefetch_size(&args), 1000);
+        assert_eq!(
+            *method,
+            AMQPClass::Basic(basic::AMQPMethod::Qos(basic::Qos {
+                prefetch_count: 5,
+                global: true
+            }))
+        );
     }
 
     proptest! {

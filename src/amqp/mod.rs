@@ -11,11 +11,13 @@
 //!   flow control, dispatch of frames to channels.
 //! - [`channel`]: what a channel does with each method.
 //! - [`confirms`]: publisher-confirm bookkeeping (pure).
+//! - [`prefetch`]: a channel's shared (`global`) prefetch limit (pure).
 
 pub mod auth;
 pub mod channel;
 pub mod confirms;
 pub mod connection;
 pub mod frame;
+pub mod prefetch;
 pub mod reply;
 pub mod writer;

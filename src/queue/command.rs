@@ -59,6 +59,14 @@ pub enum Command {
         tag: Arc<str>,
         now_ms: u64,
     },
+    /// The consumer's prefetch changed (`basic.qos` with `global` on its
+    /// channel). Deliveries it already holds above a lowered limit stay
+    /// with it; it gets no more until it is below the limit again.
+    SetPrefetch {
+        owner: OwnerId,
+        tag: Arc<str>,
+        prefetch: u32,
+    },
     /// `basic.ack`: the messages are done with.
     Settle { owner: OwnerId, ids: Vec<MsgId> },
     /// `basic.nack`/`basic.reject` with requeue: the messages go back to the

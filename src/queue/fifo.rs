@@ -217,6 +217,18 @@ impl QueueState {
                     self.remove_consumer(serial);
                 }
             }
+            Command::SetPrefetch {
+                owner,
+                tag,
+                prefetch,
+            } => {
+                if let Some(c) = self
+                    .find_consumer(owner, &tag)
+                    .and_then(|s| self.consumers.get_mut(&s))
+                {
+                    c.spec.prefetch = prefetch;
+                }
+            }
             Command::Settle { owner, ids } => {
                 for id in ids {
                     self.take_unacked(owner, id);
@@ -853,9 +865,10 @@ impl QueueState {
                 .filter(|u| u.consumer == Some(*serial))
                 .count();
             assert_eq!(held as u64, u64::from(c.in_flight), "in_flight of {serial}");
-            if !c.spec.no_ack && c.spec.prefetch > 0 {
-                assert!(c.in_flight <= c.spec.prefetch, "prefetch exceeded");
-            }
+            // No bound on in_flight here: a limit lowered by SetPrefetch
+            // leaves a consumer above it until it settles. `deliver` checks
+            // that no delivery takes a consumer above its limit.
+
             assert_eq!(self.service_order.get(&c.service_key()), Some(serial));
             assert_eq!(self.find_consumer(c.spec.owner, &c.spec.tag), Some(*serial));
         }
@@ -1299,6 +1312,45 @@ mod tests {
         });
         assert_eq!(bodies(&fx), ["c"]);
         assert_eq!(counts_of(&q), counts(0, 2, 1));
+    }
+
+    #[test]
+    fn set_prefetch_raises_or_lowers_a_consumers_limit_from_now_on() {
+        let mut q = classic();
+        consume(&mut q, spec(1, "c", 1));
+        let mut fx = Vec::new();
+        for b in ["a", "b", "c", "d", "e"] {
+            fx.extend(enqueue(&mut q, msg(b)));
+        }
+        assert_eq!(bodies(&fx), ["a"]);
+        let set = |q: &mut QueueState, prefetch| {
+            q.apply(Command::SetPrefetch {
+                owner: 1,
+                tag: Arc::from("c"),
+                prefetch,
+            })
+        };
+        assert_eq!(bodies(&set(&mut q, 3)), ["b", "c"]);
+        // Lowered to 1 with 3 held: nothing more until two are settled.
+        assert!(set(&mut q, 1).is_empty());
+        let settle = |q: &mut QueueState, id| {
+            q.apply(Command::Settle {
+                owner: 1,
+                ids: vec![id],
+            })
+        };
+        assert!(settle(&mut q, 1).is_empty());
+        assert!(settle(&mut q, 2).is_empty());
+        assert_eq!(bodies(&settle(&mut q, 3)), ["d"]);
+        // Another owner's consumer of the same tag is not changed.
+        assert!(
+            q.apply(Command::SetPrefetch {
+                owner: 2,
+                tag: Arc::from("c"),
+                prefetch: 0,
+            })
+            .is_empty()
+        );
     }
 
     #[test]
@@ -1985,6 +2037,11 @@ mod properties {
             owner: OwnerId,
             tag: u8,
         },
+        SetPrefetch {
+            owner: OwnerId,
+            tag: u8,
+            prefetch: u32,
+        },
         Settle {
             owner: OwnerId,
             picks: Vec<usize>,
@@ -2046,6 +2103,11 @@ mod properties {
                 }
             ),
             1 => (owner(), 0u8..2).prop_map(|(owner, tag)| Op::Cancel { owner, tag }),
+            1 => (owner(), 0u8..2, 0u32..4).prop_map(|(owner, tag, prefetch)| Op::SetPrefetch {
+                owner,
+                tag,
+                prefetch
+            }),
             3 => (owner(), picks()).prop_map(|(owner, picks)| Op::Settle { owner, picks }),
             2 => (owner(), picks()).prop_map(|(owner, picks)| Op::Return { owner, picks }),
             1 => (owner(), picks()).prop_map(|(owner, picks)| Op::Discard { owner, picks }),
@@ -2175,6 +2237,15 @@ mod properties {
                     owner,
                     tag: tag_name(tag),
                     now_ms,
+                },
+                Op::SetPrefetch {
+                    owner,
+                    tag,
+                    prefetch,
+                } => Command::SetPrefetch {
+                    owner,
+                    tag: tag_name(tag),
+                    prefetch,
                 },
                 Op::Settle { owner, picks } => Command::Settle {
                     owner,
@@ -2500,6 +2571,15 @@ mod properties {
                 }
                 Command::Cancel { owner, tag, .. } => {
                     self.registrations.remove(&(*owner, tag.clone()));
+                }
+                Command::SetPrefetch {
+                    owner,
+                    tag,
+                    prefetch,
+                } => {
+                    if let Some(&i) = self.registrations.get(&(*owner, tag.clone())) {
+                        self.specs[i].prefetch = *prefetch;
+                    }
                 }
                 Command::Settle { owner, ids }
                 | Command::Return { owner, ids, .. }
