@@ -832,9 +832,21 @@ const LEADERS_REPORT_WITHIN: std::time::Duration = std::time::Duration::from_sec
 async fn report_leaders(node: Arc<Node>, since: std::time::Instant) {
     let deadline = since + LEADERS_REPORT_WITHIN;
     loop {
+        // The groups this node holds, per its definitions (plus the
+        // metadata group); they open while the definitions replay.
+        let expected = 1 + {
+            let meta = node.meta();
+            meta.vhosts()
+                .map(|v| {
+                    meta.queues(v)
+                        .filter(|q| q.placement.replicas.contains(&node.node_id()))
+                        .count()
+                })
+                .sum::<usize>()
+        };
         let groups = node.raft.status();
         let led = groups.iter().filter(|g| g.leader.is_some()).count();
-        let done = led == groups.len();
+        let done = led == groups.len() && groups.len() >= expected;
         if done || std::time::Instant::now() >= deadline {
             let secs = since.elapsed().as_secs_f64();
             if done {

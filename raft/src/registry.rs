@@ -9,7 +9,7 @@
 //! (after a whole-cluster restart, or a split vote). openraft's own timers
 //! are switched off, so an idle group costs no CPU or network.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -152,6 +152,14 @@ pub struct RaftNode {
     /// Last known leader of groups this node does not have.
     hints: Mutex<HashMap<GroupId, NodeId>>,
     stopped: watch::Sender<bool>,
+    /// Groups with state on disk at start that are not open yet. A peer's
+    /// RPC for one of them waits for it to open (the node is replaying its
+    /// definitions) instead of failing: after a whole-cluster restart every
+    /// node opens its groups at its own pace, and a vote refused meanwhile
+    /// would cost a whole election turn.
+    opening: Mutex<HashSet<GroupId>>,
+    /// Bumped whenever a group opens; what RPCs waiting on `opening` watch.
+    opened: watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -199,6 +207,7 @@ impl RaftNode {
             .max(1);
         let peer_ids = cfg.peers.keys().copied().filter(|p| *p != cfg.node_id);
         let liveness = Arc::new(Mutex::new(Liveness::new(peer_ids, cfg.failure_timeout)));
+        let on_disk: HashSet<GroupId> = log.groups()?.into_iter().collect();
         let events = broadcast::channel(1024).0;
         let node = Arc::new_cyclic(|weak: &Weak<RaftNode>| {
             let inbound: Weak<dyn Inbound> = weak.clone();
@@ -224,6 +233,8 @@ impl RaftNode {
                 liveness: liveness.clone(),
                 hints: Mutex::new(HashMap::new()),
                 stopped: watch::channel(false).0,
+                opening: Mutex::new(on_disk),
+                opened: watch::channel(0).0,
             }
         });
         node.transport.start(listener);
@@ -374,6 +385,8 @@ impl RaftNode {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, entry);
+        lock(&self.opening).remove(&group);
+        self.opened.send_modify(|n| *n += 1);
         // A one-member group elects itself when it is initialised; a new
         // or re-opened group of several gets a leader as soon as the member
         // whose turn it is has opened it.
@@ -389,6 +402,8 @@ impl RaftNode {
     /// Stops the group and deletes its log, vote and snapshot.
     pub async fn remove_group(&self, group: GroupId) {
         let _lifecycle = self.lifecycle.lock().await;
+        lock(&self.opening).remove(&group);
+        self.opened.send_modify(|n| *n += 1);
         let removed = self
             .groups
             .write()
@@ -408,6 +423,22 @@ impl RaftNode {
             }
             Err(e) => tracing::warn!(group, error = %e, "group state not deleted"),
         }
+    }
+
+    /// The group, waiting (at most [`OPENING_WAIT`]) if it is one this node
+    /// still has to re-open after its start.
+    async fn group_when_open(&self, group: GroupId) -> Option<Arc<Group>> {
+        if let Some(g) = self.group(group) {
+            return Some(g);
+        }
+        if !lock(&self.opening).contains(&group) {
+            return None;
+        }
+        let mut opened = self.opened.subscribe();
+        let wait = opened
+            .wait_for(|_| self.group(group).is_some() || !lock(&self.opening).contains(&group));
+        let _ = tokio::time::timeout(OPENING_WAIT, wait).await;
+        self.group(group)
     }
 
     pub fn has_group(&self, group: GroupId) -> bool {
@@ -782,7 +813,7 @@ impl Inbound for RaftNode {
         Box::pin(async move {
             match req {
                 Request::Raft { group, rpc } => {
-                    let g = self.group(group).ok_or_else(|| {
+                    let g = self.group_when_open(group).await.ok_or_else(|| {
                         format!("group {group} does not exist on node {}", self.me)
                     })?;
                     network::serve(&g.raft, rpc).await.map(Reply::Raft)
@@ -922,6 +953,11 @@ fn whose_turn(
     let i = (group.wrapping_add(window) % reachable_voters.len() as u64) as usize;
     Some(reachable_voters[i])
 }
+
+/// How long a peer's RPC for a group this node has yet to re-open waits for
+/// it. Shorter than openraft's RPC timeouts (1 s for appends and votes), so
+/// a group that does not open in time answers with an error, not silence.
+const OPENING_WAIT: Duration = Duration::from_millis(800);
 
 /// Length of one turn in [`whose_turn`].
 const SWEEP_WINDOW: Duration = Duration::from_millis(1500);
