@@ -106,6 +106,8 @@ pub(crate) struct Link {
     /// Whether a connection to the peer was ever established: the next one
     /// is then a reconnection.
     had_conn: AtomicBool,
+    /// The send queue was found full and has not taken a frame since.
+    full: AtomicBool,
 }
 
 impl Link {
@@ -167,6 +169,7 @@ impl Transport {
                         last_heard: AtomicU64::new(0),
                         incarnation: AtomicU64::new(0),
                         had_conn: AtomicBool::new(false),
+                        full: AtomicBool::new(false),
                     }),
                 )
             })
@@ -211,16 +214,31 @@ impl Transport {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Queues a one-way frame; dropped if the peer is not connected or its
-    /// queue is full (best effort, by contract).
+    /// Queues a one-way frame; false (and not sent) if the peer is not
+    /// connected or its queue is full: the caller decides what that means.
     pub(crate) fn send_frame(&self, to: NodeId, frame: Frame) -> bool {
-        let Some(conn) = self.links.get(&to).and_then(|l| l.conn()) else {
+        let Some(link) = self.links.get(&to) else {
+            return false;
+        };
+        let Some(conn) = link.conn() else {
             return false;
         };
         match conn.tx.try_send(frame) {
-            Ok(()) => true,
+            Ok(()) => {
+                if link.full.load(Ordering::Relaxed) {
+                    link.full.store(false, Ordering::Relaxed);
+                }
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(peer = to, "send queue full, dropping a one-way message");
+                // Once per full spell of a link, not once per message: a
+                // stalled peer would otherwise flood the log.
+                if !link.full.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        peer = to,
+                        "send queue full: one-way messages are refused until it drains"
+                    );
+                }
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
