@@ -28,6 +28,9 @@ pub struct NodeSpec {
 
 pub struct Cluster {
     pub specs: Vec<NodeSpec>,
+    /// Links that go through a [`LinkCutter`]: (dialer id, acceptor id) ->
+    /// the address the dialer uses for the acceptor.
+    relayed: Vec<((u16, u16), SocketAddr)>,
     procs: Vec<Option<Child>>,
     logs: Vec<Arc<Mutex<Vec<String>>>>,
     _dir: tempfile::TempDir,
@@ -37,7 +40,24 @@ impl Cluster {
     /// Starts `n` nodes and waits until every one serves clients.
     pub fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
-        let specs: Vec<NodeSpec> = (1..=n as u16)
+        let specs = Self::specs(n, &dir);
+        Cluster::start_relayed(n, specs, dir, Vec::new())
+    }
+
+    /// Like [`Cluster::start`], with the link from node `dialer` to node
+    /// `acceptor` (ids; the lower id dials) going through a relay that the
+    /// returned [`LinkCutter`] can break at will.
+    pub fn start_with_cutter(n: usize, dialer: u16, acceptor: u16) -> (Cluster, LinkCutter) {
+        assert!(dialer < acceptor, "the lower id dials");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let specs = Self::specs(n, &dir);
+        let cutter = LinkCutter::start(specs[acceptor as usize - 1].cluster);
+        let relayed = vec![((dialer, acceptor), cutter.addr)];
+        (Cluster::start_relayed(n, specs, dir, relayed), cutter)
+    }
+
+    fn specs(n: usize, dir: &tempfile::TempDir) -> Vec<NodeSpec> {
+        (1..=n as u16)
             .map(|id| NodeSpec {
                 id,
                 amqp: free_addr(),
@@ -45,8 +65,17 @@ impl Cluster {
                 cluster: free_addr(),
                 data: dir.path().join(format!("node{id}")),
             })
-            .collect();
+            .collect()
+    }
+
+    fn start_relayed(
+        n: usize,
+        specs: Vec<NodeSpec>,
+        dir: tempfile::TempDir,
+        relayed: Vec<((u16, u16), SocketAddr)>,
+    ) -> Cluster {
         let mut c = Cluster {
+            relayed,
             procs: (0..n).map(|_| None).collect(),
             logs: (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect(),
             specs,
@@ -61,16 +90,27 @@ impl Cluster {
         c
     }
 
-    fn peers(&self) -> String {
+    /// The peer list node `me` is started with: relayed links point at
+    /// their relay.
+    fn peers(&self, me: u16) -> String {
         self.specs
             .iter()
-            .map(|s| format!("{}={}", s.id, s.cluster))
+            .map(|s| {
+                let addr = self
+                    .relayed
+                    .iter()
+                    .find(|((d, a), _)| *d == me && *a == s.id)
+                    .map(|(_, relay)| *relay)
+                    .unwrap_or(s.cluster);
+                format!("{}={}", s.id, addr)
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
 
     /// Starts node `i` (index from 0) without waiting for it.
     pub fn spawn(&mut self, i: usize) {
+        let peers = self.peers(self.specs[i].id);
         let s = &self.specs[i];
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .arg("server")
@@ -79,7 +119,7 @@ impl Cluster {
             .args(["--admin-listen", &s.admin.to_string()])
             .args(["--cluster-listen", &s.cluster.to_string()])
             .args(["--data-dir", s.data.to_str().unwrap()])
-            .args(["--peers", &self.peers()])
+            .args(["--peers", &peers])
             .env("WARREN_CLUSTER_SECRET", SECRET)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -185,4 +225,70 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// A TCP relay on loopback in front of one node's cluster listener, for one
+/// inter-node link. `cut` closes every connection it carries; the dialing
+/// node then reconnects through it, as after a brief network fault.
+pub struct LinkCutter {
+    pub addr: SocketAddr,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl LinkCutter {
+    fn start(target: SocketAddr) -> LinkCutter {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a relay port");
+        let addr = listener.local_addr().unwrap();
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let g = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let born = g.load(std::sync::atomic::Ordering::SeqCst);
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let g = g.clone();
+                    std::thread::spawn(move || pump(from, to, g, born));
+                }
+            }
+        });
+        LinkCutter { addr, generation }
+    }
+
+    /// Breaks the connections the relay carries now.
+    pub fn cut(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either side closes or the relay is cut.
+fn pump(mut from: TcpStream, mut to: TcpStream, g: Arc<std::sync::atomic::AtomicU64>, born: u64) {
+    use std::io::{Read, Write};
+    let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if g.load(std::sync::atomic::Ordering::SeqCst) != born {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
 }
