@@ -23,6 +23,12 @@ pub struct Settings {
     pub publishers: usize,
     pub consumers: usize,
     pub rate: u32,
+    /// Idle quorum queues declared at setup.
+    pub idle_queues: usize,
+    /// Messages per second into the dead-letter source (0: no chain).
+    pub dead_letter_rate: u32,
+    /// RPC calls per second (0: no RPC pair).
+    pub rpc_rate: u32,
     pub warren: String,
     /// The command line that repeats this run.
     pub reproduce: String,
@@ -257,6 +263,9 @@ mod tests {
             publishers: 1,
             consumers: 1,
             rate: 10,
+            idle_queues: 0,
+            dead_letter_rate: 0,
+            rpc_rate: 0,
             warren: "warren".into(),
             reproduce: "warren-chaos run --seed 42".into(),
         }
