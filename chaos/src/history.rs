@@ -208,6 +208,22 @@ impl Recorder {
         });
     }
 
+    /// How many events are kept so far.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .events
+            .len()
+    }
+
+    /// The events kept from position `from` on (a recent stretch, without
+    /// copying the whole history).
+    pub fn since(&self, from: usize) -> Vec<Event> {
+        let log = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        log.events.get(from..).unwrap_or_default().to_vec()
+    }
+
     /// The events so far, in the order they were recorded, and how many
     /// were dropped for lack of room.
     pub fn snapshot(&self) -> (Vec<Event>, u64) {

@@ -11,7 +11,7 @@
 //!    quiet;
 //! 6. check the history and write the report.
 
-use crate::checker::{Verdict, check};
+use crate::checker::{Spec, Verdict, check, still_recovering};
 use crate::cluster::{Cluster, Layout};
 use crate::faults::Injector;
 use crate::history::Recorder;
@@ -36,6 +36,9 @@ use tokio::task::JoinSet;
 const WARMUP: Duration = Duration::from_secs(3);
 /// Load after healing, before publishers stop: shows recovery.
 const RECOVERY: Duration = Duration::from_secs(5);
+/// Longest the load stays on after healing while the workload is not yet
+/// working again everywhere (see `checker::still_recovering`).
+const RECOVERY_WITHIN: Duration = Duration::from_secs(30);
 /// Longest wait for the cluster to start.
 const START_WITHIN: Duration = Duration::from_secs(60);
 /// Longest wait for the declarations, on top of [`START_WITHIN`], per idle
@@ -113,6 +116,17 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     };
     let queues = declared.main.clone();
     let watched = declared.watched();
+    let mut stall_queues = queues.clone();
+    if declared.dead_letter {
+        stall_queues.push(DLX_SOURCE.to_owned());
+    }
+    let spec = Spec {
+        dead_letter: declared
+            .dead_letter
+            .then(|| (DLX_SOURCE.to_owned(), DLQ.to_owned())),
+        rpc: declared.rpc,
+        stall_queues,
+    };
     rec.phase("declare");
     let declare_started = Instant::now();
     let declare_within = START_WITHIN + DECLARE_PER_IDLE_QUEUE * s.idle_queues as u32;
@@ -288,8 +302,12 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
             "not every queue had a leader within {LEADERS_WITHIN:?} of the heal"
         ));
     }
+    // The dead-letter and RPC rules judge what happens from here on.
+    let healed_at = rec.now();
     rec.phase("recovery");
+    let since_heal = rec.len();
     tokio::time::sleep(RECOVERY).await;
+    wait_for_recovery(&rec, &spec, healed_at, since_heal).await;
 
     rec.phase("drain");
     stop_publishers.send_replace(true);
@@ -356,7 +374,7 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
     injector.cluster.shutdown().await;
 
     let (events, dropped) = rec.snapshot();
-    let verdict = check(&events, dropped);
+    let verdict = check(&events, dropped, &spec);
     report::write(&plan.report_dir, s, &verdict, &events, unhealed)?;
     let summary = report::summary(s, &verdict, &events, &plan.report_dir);
     if verdict.pass {
@@ -374,6 +392,36 @@ fn remove_data_dirs(nodes_dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Keeps the load on until the workload works again everywhere since the
+/// heal, or [`RECOVERY_WITHIN`] has passed since it; a recovery slower than
+/// [`RECOVERY`] is noted with what it waited for.
+async fn wait_for_recovery(rec: &Recorder, spec: &Spec, healed_at: u64, since_heal: usize) {
+    let deadline = Instant::now() + RECOVERY_WITHIN.saturating_sub(RECOVERY);
+    let mut first_missing: Option<Vec<String>> = None;
+    loop {
+        let missing = still_recovering(&rec.since(since_heal), spec, healed_at);
+        let after = rec.now().saturating_sub(healed_at) as f64 / 1000.0;
+        if missing.is_empty() {
+            if let Some(waited_for) = first_missing {
+                rec.note(format!(
+                    "the workload worked again {after:.1}s after the heal (waited for {})",
+                    waited_for.join(", ")
+                ));
+            }
+            return;
+        }
+        if Instant::now() >= deadline {
+            rec.note(format!(
+                "{after:.1}s after the heal still no {}",
+                missing.join(", ")
+            ));
+            return;
+        }
+        first_missing.get_or_insert(missing);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Waits until every queue has an agreed leader; false if the time ran
