@@ -177,7 +177,7 @@ pub async fn run(plan: Plan) -> Result<Outcome> {
             nodes.rejecter + 1,
             nodes.dlq_consumer + 1,
             if leader(DLX_SOURCE) == leader(DLQ) {
-                " (one leader for both: dead letters stay on that node until a fault moves one)"
+                " (one leader for both: the dead-letter publish stays on that node until a fault moves a leader)"
             } else {
                 ""
             }

@@ -4,10 +4,10 @@
 //! Besides the checked quorum queues (`chaos-N`) a run can declare:
 //! - a dead-letter chain: `chaos-dlx-src`, a quorum queue whose
 //!   `x-dead-letter-exchange` is the fanout exchange `chaos-dlx`, bound to
-//!   the quorum queue `chaos-dlq`. Its clients sit on three different
-//!   nodes (see [`client_nodes`]), so every hop crosses nodes. Warren has
-//!   no leader locator, so where the two queues' leaders start is up to
-//!   the cluster (the run notes it); faults move them anyway;
+//!   the quorum queue `chaos-dlq`. Its clients are placed so that their
+//!   traffic crosses nodes (see [`client_nodes`]). Warren has no leader
+//!   locator, so where the two queues' leaders start is up to the cluster
+//!   (the run notes it); faults move them anyway;
 //! - `chaos-rpc`, the quorum queue an RPC server consumes;
 //! - idle quorum queues (`chaos-idle-N`) that carry nothing but make every
 //!   restart and election as heavy as in a real deployment, where most
@@ -279,14 +279,11 @@ pub fn leaders_per_node(view: &BTreeMap<String, QueueView>) -> String {
 /// dead-letter chain and the RPC pair starts on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientNodes {
-    /// Publishes into the source: on the dead-letter queue's leader, so the
-    /// publish is forwarded to the source's leader.
+    /// Publishes into the source.
     pub dlx_publisher: usize,
-    /// Rejects everything from the source: on a third node, so its rejects
-    /// travel to the source's leader too.
+    /// Rejects everything from the source.
     pub rejecter: usize,
-    /// Consumes the dead-letter queue: on the source's leader, so dead
-    /// letters come back across the cluster.
+    /// Consumes the dead-letter queue.
     pub dlq_consumer: usize,
     /// The RPC server: on the node after the request queue's leader.
     pub rpc_server: usize,
@@ -297,23 +294,38 @@ pub struct ClientNodes {
 
 /// Picks the clients' nodes from the leaders the monitor sees, falling
 /// back to fixed nodes for a queue without a leader yet.
+///
+/// When the source and the dead-letter queue have different leaders, the
+/// publisher sits on the dead-letter queue's leader (its publishes travel
+/// to the source's leader), the rejecter on a third node (its rejects
+/// too), and the dead-letter consumer on the source's leader (dead letters
+/// come back across the cluster). When one node leads both, no client sits
+/// there: only the dead-letter publish itself stays on that node.
 pub fn client_nodes(view: &BTreeMap<String, QueueView>, nodes: usize) -> ClientNodes {
     assert!(nodes >= 3, "the chain needs three nodes");
     let leader = |q: &str| view.get(q).and_then(|v| v.leader);
     let next = |n: NodeId| n % nodes as NodeId + 1;
-    let src = leader(DLX_SOURCE).unwrap_or(1);
-    let dlq = leader(DLQ)
-        .filter(|&l| l != src)
-        .unwrap_or_else(|| next(src));
-    let third = (1..=nodes as NodeId)
-        .find(|n| *n != src && *n != dlq)
-        .expect("three nodes");
-    let rpc_server = next(leader(RPC_QUEUE).unwrap_or(1));
     let index = |n: NodeId| usize::from(n) - 1;
+    let src = leader(DLX_SOURCE).unwrap_or(1);
+    let (dlx_publisher, rejecter, dlq_consumer) = match leader(DLQ) {
+        Some(dlq) if dlq != src => {
+            let third = (1..=nodes as NodeId)
+                .find(|n| *n != src && *n != dlq)
+                .expect("three nodes");
+            (dlq, third, src)
+        }
+        _ => {
+            let (a, b) = (next(src), next(next(src)));
+            // A third node besides the leader when there is one.
+            let c = if nodes > 3 { next(b) } else { a };
+            (a, b, c)
+        }
+    };
+    let rpc_server = next(leader(RPC_QUEUE).unwrap_or(1));
     ClientNodes {
-        dlx_publisher: index(dlq),
-        rejecter: index(third),
-        dlq_consumer: index(src),
+        dlx_publisher: index(dlx_publisher),
+        rejecter: index(rejecter),
+        dlq_consumer: index(dlq_consumer),
         rpc_server: index(rpc_server),
         rpc_client: index(next(rpc_server)),
     }
@@ -355,18 +367,27 @@ mod tests {
     }
 
     #[test]
-    fn missing_or_shared_leaders_still_give_three_distinct_nodes() {
-        for view in [
-            BTreeMap::new(),
-            led_by(&[(DLX_SOURCE, 2), (DLQ, 2), (RPC_QUEUE, 5)]),
-        ] {
-            let c = client_nodes(&view, 5);
-            let mut hops = vec![c.dlx_publisher, c.rejecter, c.dlq_consumer];
-            hops.sort_unstable();
-            hops.dedup();
-            assert_eq!(hops.len(), 3, "{c:?}");
-            assert_ne!(c.rpc_server, c.rpc_client, "{c:?}");
-            assert!(c.rpc_client < 5 && c.rpc_server < 5);
+    fn a_leader_of_both_queues_gets_no_client_of_the_chain() {
+        for nodes in [3, 5] {
+            for view in [
+                BTreeMap::new(),
+                led_by(&[(DLX_SOURCE, 2), (DLQ, 2), (RPC_QUEUE, 3)]),
+            ] {
+                let c = client_nodes(&view, nodes);
+                let leader = view.get(DLX_SOURCE).and_then(|v| v.leader).unwrap_or(1);
+                let clients = [c.dlx_publisher, c.rejecter, c.dlq_consumer];
+                assert!(
+                    clients.iter().all(|&i| i != usize::from(leader) - 1),
+                    "{nodes} nodes: {c:?}"
+                );
+                assert_ne!(c.dlx_publisher, c.rejecter, "{c:?}");
+                if nodes > 3 {
+                    assert_ne!(c.dlq_consumer, c.rejecter, "{c:?}");
+                    assert_ne!(c.dlq_consumer, c.dlx_publisher, "{c:?}");
+                }
+                assert_ne!(c.rpc_server, c.rpc_client, "{c:?}");
+                assert!(clients.iter().all(|&i| i < nodes));
+            }
         }
     }
 
