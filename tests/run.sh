@@ -7,7 +7,8 @@
 #   3. Python client tests (pika, kombu, oslo.messaging) in a venv it creates,
 #      against one node and against a 3-node cluster
 #   4. the chaos suite's short run (chaos/ci.sh): three fault scenarios on a
-#      3-node cluster with fixed seeds; fails on any lost confirmed message
+#      3-node cluster with 300 idle queues, a dead-letter chain and RPC,
+#      fixed seeds; fails on any lost confirmed message or broken rule
 # Extra arguments are passed to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -297,10 +297,20 @@ impl Injector {
                         self.rec.note(format!("node {n} did not start: {e:#}"));
                     }
                 }
+                let mut all_ready = true;
                 for &n in &nodes {
                     if let Err(e) = self.cluster.wait_ready(n, READY_WITHIN).await {
                         self.rec.note(format!("{e:#}"));
+                        all_ready = false;
                     }
+                }
+                if all_ready {
+                    // The checker measures from here how long the
+                    // consumers take to receive again.
+                    self.rec.record(Event::AllReady {
+                        t: self.rec.now(),
+                        fault: f,
+                    });
                 }
                 self.end(f);
             }

@@ -1,6 +1,6 @@
 //! The run's history: every publish attempt and its outcome, every delivery,
-//! every fault and every leader change, stamped with milliseconds since the
-//! run started.
+//! every RPC call and its answer, every fault and every leader change,
+//! stamped with milliseconds since the run started.
 //!
 //! Workload, fault and monitor tasks append to one shared [`Recorder`]; the
 //! checker, the report and the timeline read the finished history as plain
@@ -51,8 +51,10 @@ pub enum Event {
         id: String,
         outcome: Outcome,
     },
-    /// A consumer received a message. `session` counts the consumer's
-    /// connections, so order is only compared within one subscription.
+    /// A consumer received a message; it settles it right after (ack, or
+    /// reject without requeue on the dead-letter source queue). `session`
+    /// counts the consumer's connections, so order is only compared within
+    /// one subscription.
     Delivery {
         t: Millis,
         consumer: String,
@@ -73,13 +75,46 @@ pub enum Event {
     /// The fault with this number was healed (process restarted, resumed,
     /// network reopened).
     FaultEnd { t: Millis, fault: u32 },
+    /// Every node answers its health check again after the fault with this
+    /// number stopped all of them: the moment consumers must receive again
+    /// from (the checker's stall rule).
+    AllReady { t: Millis, fault: u32 },
+    /// An RPC client sent a request (`id` is its correlation id) and will
+    /// wait for the reply on `reply_queue`, a server-named exclusive queue
+    /// on `node`.
+    RpcRequest {
+        t: Millis,
+        id: String,
+        node: u16,
+        reply_queue: String,
+    },
+    /// The reply to the request with this correlation id arrived in time.
+    RpcReply { t: Millis, id: String },
+    /// No reply within the client's timeout, or the connection died first.
+    RpcUnanswered { t: Millis, id: String, why: String },
+    /// The RPC server received the request with this correlation id and
+    /// published its reply.
+    RpcServed { t: Millis, id: String, node: u16 },
     /// The leader of a queue as most answering nodes report it changed.
     Leader {
         t: Millis,
         queue: String,
         node: Option<u16>,
     },
-    /// The run moved to another phase (warmup, faults, heal, drain, done).
+    /// Leadership over every queue, idle ones included, as most answering
+    /// nodes see it: leaders per node, queues without one, and how many
+    /// queues changed leader since the previous poll. Recorded when it
+    /// changes; shows the elections a restart sets off.
+    Leadership {
+        t: Millis,
+        per_node: Vec<(u16, u64)>,
+        leaderless: u64,
+        moved: u64,
+    },
+    /// The run moved to another phase (start, warmup, faults, heal,
+    /// recovery, drain, final-drain, done). `recovery` begins once the
+    /// final heal is complete: every node serves and every watched queue
+    /// has a leader.
     Phase { t: Millis, name: String },
     /// Something worth reading in the report that is not a fault.
     Note { t: Millis, text: String },
@@ -94,7 +129,13 @@ impl Event {
             | Event::Delivery { t, .. }
             | Event::FaultStart { t, .. }
             | Event::FaultEnd { t, .. }
+            | Event::AllReady { t, .. }
+            | Event::RpcRequest { t, .. }
+            | Event::RpcReply { t, .. }
+            | Event::RpcUnanswered { t, .. }
+            | Event::RpcServed { t, .. }
             | Event::Leader { t, .. }
+            | Event::Leadership { t, .. }
             | Event::Phase { t, .. }
             | Event::Note { t, .. } => *t,
         }
@@ -165,6 +206,22 @@ impl Recorder {
             t,
             name: name.to_owned(),
         });
+    }
+
+    /// How many events are kept so far.
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .events
+            .len()
+    }
+
+    /// The events kept from position `from` on (a recent stretch, without
+    /// copying the whole history).
+    pub fn since(&self, from: usize) -> Vec<Event> {
+        let log = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        log.events.get(from..).unwrap_or_default().to_vec()
     }
 
     /// The events so far, in the order they were recorded, and how many

@@ -8,7 +8,10 @@
 //! - `scenarios.rs`: the named scenarios; `faults.rs`: what each fault does;
 //! - `cluster.rs`: the processes and their addresses; `proxy.rs` and
 //!   `network.rs`: the proxies on every link and how partitions set them;
-//! - `workload.rs`: publishers and consumers; `history.rs`: what they record;
+//! - `setup.rs`: what is declared (checked queues, the dead-letter chain,
+//!   the RPC queue, idle queues) and where the chain's clients start;
+//! - `workload.rs`: publishers and consumers (acking, rejecting, the RPC
+//!   server); `rpc.rs`: the RPC client; `history.rs`: what they record;
 //! - `checker.rs`: the verdict (pure, tested); `report.rs`, `svg.rs`: output;
 //! - `monitor.rs`: leaders and queue depths from the admin API.
 
@@ -21,8 +24,10 @@ mod network;
 mod proxy;
 mod report;
 mod restart_bench;
+mod rpc;
 mod run;
 mod scenarios;
+mod setup;
 mod svg;
 mod workload;
 
@@ -105,6 +110,19 @@ struct RunArgs {
     /// Messages per second per publisher.
     #[arg(long, default_value_t = 40)]
     rate: u32,
+    /// Idle quorum queues declared at setup (through every node in turn);
+    /// they carry nothing but weigh on every restart and election.
+    #[arg(long, default_value_t = 0)]
+    idle_queues: usize,
+    /// Messages per second into the dead-letter chain (a quorum queue whose
+    /// consumer rejects everything, dead-lettered through a fanout exchange
+    /// into a quorum queue on another node); 0 leaves the chain out.
+    #[arg(long, default_value_t = 20)]
+    dead_letter_rate: u32,
+    /// RPC calls per second (a client with a node-local reply queue, a
+    /// server on another node); 0 leaves the RPC pair out.
+    #[arg(long, default_value_t = 4)]
+    rpc_rate: u32,
     /// First of the fixed ports every node uses on its own loopback address.
     #[arg(long, default_value_t = 25000)]
     base_port: u16,
@@ -203,6 +221,9 @@ async fn run(args: RunArgs) -> Result<bool> {
         format!("--publishers {publishers}"),
         format!("--consumers {consumers}"),
         format!("--rate {}", args.rate),
+        format!("--idle-queues {}", args.idle_queues),
+        format!("--dead-letter-rate {}", args.dead_letter_rate),
+        format!("--rpc-rate {}", args.rpc_rate),
         format!("--base-port {}", args.base_port),
         format!("--warren {}", shell_word(&warren.to_string_lossy())),
         format!("--report {}", shell_word(&report_dir.to_string_lossy())),
@@ -217,6 +238,9 @@ async fn run(args: RunArgs) -> Result<bool> {
         publishers,
         consumers,
         rate: args.rate,
+        idle_queues: args.idle_queues,
+        dead_letter_rate: args.dead_letter_rate,
+        rpc_rate: args.rpc_rate,
         warren: warren.to_string_lossy().into_owned(),
         reproduce: reproduce.clone(),
     };

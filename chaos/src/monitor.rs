@@ -3,7 +3,10 @@
 //!
 //! Leader changes go into the history (for the timeline and the report);
 //! the latest view is shared with the fault injector (to aim at a leader) and
-//! with the drain (to know when the queues are empty).
+//! with the drain (to know when the queues are empty). Only the queues the
+//! workload uses are watched: the idle queues would drown the timeline in
+//! leader marks and turn "the leader of a queue" into the leader of some
+//! idle queue.
 
 use crate::cluster::{QueueInfo, queues_of};
 use crate::history::{Event, Recorder};
@@ -104,16 +107,56 @@ pub fn agree(answers: &BTreeMap<NodeId, Vec<QueueInfo>>) -> BTreeMap<String, Que
         .collect()
 }
 
-/// Polls until `stop` turns true, recording leader changes.
+/// Leaders per node, leaderless queues, and queues whose leader moved to
+/// another node since `before` (which is updated), over every queue.
+pub fn leadership(
+    now: &BTreeMap<String, QueueView>,
+    before: &mut BTreeMap<String, NodeId>,
+) -> (Vec<(NodeId, u64)>, u64, u64) {
+    let mut per_node: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let (mut leaderless, mut moved) = (0, 0);
+    for (name, q) in now {
+        match q.leader {
+            Some(l) => {
+                *per_node.entry(l).or_default() += 1;
+                if before.insert(name.clone(), l).is_some_and(|prev| prev != l) {
+                    moved += 1;
+                }
+            }
+            None => leaderless += 1,
+        }
+    }
+    (per_node.into_iter().collect(), leaderless, moved)
+}
+
+/// Polls until `stop` turns true, recording the leader changes of the
+/// `watched` queues and the leadership over all of them.
 pub async fn run(
     admins: Vec<(NodeId, SocketAddr)>,
+    watched: Vec<String>,
     view: View,
     rec: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut leaders: BTreeMap<String, Option<NodeId>> = BTreeMap::new();
+    let mut all_before = BTreeMap::new();
+    let mut last_leadership = None;
     while !*stop.borrow() {
-        let now = agree(&poll(&admins).await);
+        let mut now = agree(&poll(&admins).await);
+        // Only when some node answered: silence says nothing of leaders.
+        if !now.is_empty() {
+            let (per_node, leaderless, moved) = leadership(&now, &mut all_before);
+            if moved > 0 || last_leadership.as_ref() != Some(&(per_node.clone(), leaderless)) {
+                rec.record(Event::Leadership {
+                    t: rec.now(),
+                    per_node: per_node.clone(),
+                    leaderless,
+                    moved,
+                });
+                last_leadership = Some((per_node, leaderless));
+            }
+        }
+        now.retain(|name, _| watched.contains(name));
         for (name, q) in &now {
             if leaders.get(name) != Some(&q.leader) {
                 rec.record(Event::Leader {
@@ -159,6 +202,32 @@ mod tests {
         assert_eq!(v["q"].leader, Some(3));
         assert_eq!(v["q"].messages, Some(4));
         assert_eq!(v["q"].members, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn leadership_counts_leaders_and_moves_over_every_queue() {
+        let view = |leaders: &[Option<NodeId>]| -> BTreeMap<String, QueueView> {
+            leaders
+                .iter()
+                .enumerate()
+                .map(|(i, &leader)| {
+                    let q = QueueView {
+                        leader,
+                        ..QueueView::default()
+                    };
+                    (format!("q{i}"), q)
+                })
+                .collect()
+        };
+        let mut before = BTreeMap::new();
+        let first = leadership(&view(&[Some(3), Some(3), Some(2), None]), &mut before);
+        assert_eq!(first, (vec![(2, 1), (3, 2)], 1, 0));
+        // q0 moves, q1 loses its leader (not a move yet), q3 gets one.
+        let second = leadership(&view(&[Some(1), None, Some(2), Some(2)]), &mut before);
+        assert_eq!(second, (vec![(1, 1), (2, 2)], 1, 1));
+        // q1 comes back on another node than before: a move.
+        let third = leadership(&view(&[Some(1), Some(1), Some(2), Some(2)]), &mut before);
+        assert_eq!(third, (vec![(1, 2), (2, 2)], 0, 1));
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub struct Settings {
     pub publishers: usize,
     pub consumers: usize,
     pub rate: u32,
+    /// Idle quorum queues declared at setup.
+    pub idle_queues: usize,
+    /// Messages per second into the dead-letter source (0: no chain).
+    pub dead_letter_rate: u32,
+    /// RPC calls per second (0: no RPC pair).
+    pub rpc_rate: u32,
     pub warren: String,
     /// The command line that repeats this run.
     pub reproduce: String,
@@ -172,7 +178,7 @@ pub fn summary(settings: &Settings, verdict: &Verdict, events: &[Event], dir: &P
             f.description
         );
     }
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("attempted", v.attempted.to_string()),
         ("confirmed", v.confirmed.to_string()),
         ("nacked", v.nacked.to_string()),
@@ -206,19 +212,96 @@ pub fn summary(settings: &Settings, verdict: &Verdict, events: &[Event], dir: &P
                     / 1000.0
             ),
         ),
-        ("leader changes", v.leader_changes.to_string()),
+        (
+            "leader changes",
+            format!(
+                "{} (watched queues), {} moves over all queues",
+                v.leader_changes, v.leader_moves_all
+            ),
+        ),
     ];
-    let _ = writeln!(
-        s,
-        "+------------------+----------------------------------------+"
-    );
-    for (k, val) in rows {
-        let _ = writeln!(s, "| {k:<16} | {val:<38} |");
+    if let Some(d) = &v.dead_letter {
+        rows.push((
+            "dead-lettered",
+            format!(
+                "{} of {} rejected ({} duplicated)",
+                d.dead_lettered, d.rejected, d.duplicated
+            ),
+        ));
+        rows.push((
+            "dead-letter lost",
+            format!(
+                "{} ({} near a fault, {} unexplained)",
+                d.lost, d.lost_near_fault, d.lost_unexplained
+            ),
+        ));
+        rows.push((
+            "dlx after heal",
+            format!(
+                "{} of {} rejected",
+                d.dead_lettered_after_heal, d.rejected_after_heal
+            ),
+        ));
     }
-    let _ = writeln!(
-        s,
-        "+------------------+----------------------------------------+"
-    );
+    if let Some(r) = &v.rpc {
+        rows.push((
+            "rpc calls",
+            format!(
+                "{} answered of {} ({} served)",
+                r.answered, r.requests, r.served
+            ),
+        ));
+        rows.push((
+            "rpc after heal",
+            format!(
+                "{} calls, last {} answered of {}",
+                r.after_heal,
+                r.last_answered,
+                crate::checker::RPC_LAST_CALLS
+            ),
+        ));
+    }
+    if !v.restarts.is_empty() {
+        let gaps: Vec<String> = v
+            .restarts
+            .iter()
+            .map(|r| match r.delivery_gap_ms {
+                Some(g) => format!("{:.1}s", g as f64 / 1000.0),
+                None => "never".to_owned(),
+            })
+            .collect();
+        rows.push(("restart gaps", gaps.join(" ")));
+        rows.push((
+            "stalls",
+            format!(
+                "{} (limit {}s after all nodes ready)",
+                v.stalls,
+                crate::checker::STALL_LIMIT_MS / 1000
+            ),
+        ));
+    }
+    let width = rows
+        .iter()
+        .map(|(_, val)| val.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(38);
+    let rule = format!("+{}+{}+", "-".repeat(18), "-".repeat(width + 2));
+    let _ = writeln!(s, "{rule}");
+    for (k, val) in rows {
+        let _ = writeln!(s, "| {k:<16} | {val:<width$} |");
+    }
+    let _ = writeln!(s, "{rule}");
+    for r in v.restarts.iter().filter(|r| r.stalled()) {
+        let _ = writeln!(
+            s,
+            "stall: after the restart at fault {} (all nodes ready at {:.1}s) {} did not deliver within {}s",
+            r.fault,
+            r.ready_ms as f64 / 1000.0,
+            r.slowest_queue,
+            crate::checker::STALL_LIMIT_MS / 1000
+        );
+    }
     for e in events {
         if let Event::Note { t, text } = e {
             let _ = writeln!(s, "note at {:.1}s: {text}", *t as f64 / 1000.0);
@@ -229,6 +312,31 @@ pub fn summary(settings: &Settings, verdict: &Verdict, events: &[Event], dir: &P
     }
     if !v.unexpected_examples.is_empty() {
         let _ = writeln!(s, "unexpected, e.g.: {}", v.unexpected_examples.join(" "));
+    }
+    if let Some(d) = &v.dead_letter {
+        if d.lost_unexplained > 0 {
+            let _ = writeln!(
+                s,
+                "dead letters lost with no fault nearby, e.g.: {}",
+                d.lost_examples.join(" ")
+            );
+        }
+        if !d.unexpected_examples.is_empty() {
+            let _ = writeln!(
+                s,
+                "unexpected dead letters, e.g.: {}",
+                d.unexpected_examples.join(" ")
+            );
+        }
+    }
+    if let Some(r) = &v.rpc {
+        if !r.pass && !r.unanswered_after_heal.is_empty() {
+            let _ = writeln!(
+                s,
+                "unanswered after the heal: {}",
+                r.unanswered_after_heal.join("; ")
+            );
+        }
     }
     let _ = writeln!(s, "report: {}", dir.display());
     if v.pass {
@@ -244,7 +352,7 @@ pub fn summary(settings: &Settings, verdict: &Verdict, events: &[Event], dir: &P
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checker::check;
+    use crate::checker::{Spec, check};
     use crate::history::Outcome;
 
     fn settings() -> Settings {
@@ -257,6 +365,9 @@ mod tests {
             publishers: 1,
             consumers: 1,
             rate: 10,
+            idle_queues: 0,
+            dead_letter_rate: 0,
+            rpc_rate: 0,
             warren: "warren".into(),
             reproduce: "warren-chaos run --seed 42".into(),
         }
@@ -279,7 +390,7 @@ mod tests {
                 outcome: Outcome::Ack,
             },
         ];
-        let v = check(&events, 0);
+        let v = check(&events, 0, &Spec::default());
         let s = summary(&settings(), &v, &events, Path::new("out"));
         assert!(s.contains("| lost             | 1 "), "{s}");
         assert!(s.contains("RESULT: FAIL: 1 confirmed message(s) lost"));
@@ -303,7 +414,7 @@ mod tests {
         let f = faults(&events);
         assert_eq!(f.len(), 1);
         assert_eq!((f[0].start_ms, f[0].end_ms), (5, Some(9)));
-        let v = check(&events, 0);
+        let v = check(&events, 0, &Spec::default());
         let s = summary(&settings(), &v, &events, Path::new("out"));
         assert!(s.contains("kill -9 leader n2"));
         assert!(s.contains("RESULT: PASS"));

@@ -5,17 +5,21 @@
 //! Publishers record each attempt before sending it and its outcome after
 //! (ack, nack, or unknown when the connection died or the confirm did not
 //! come within [`CONFIRM_TIMEOUT`]). Consumers record every delivery with its
-//! `redelivered` flag before acking it. Every wait has a deadline and every
-//! loop checks the stop signal, so a stalled broker cannot hang the run.
+//! `redelivered` flag before settling it: an ack, or a reject without
+//! requeue on the dead-letter source. The RPC server is a consumer too: it
+//! publishes a reply to each request's `reply_to` and acks the request
+//! (the RPC client is in `rpc.rs`). Every wait has a deadline and every loop
+//! checks the stop signal, so a stalled broker cannot hang the run.
 
 use crate::history::{Event, Outcome, Recorder, message_id};
 use crate::network::NodeId;
 use futures_lite::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,9 +33,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// outcome is unknown.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 /// Time allowed for one AMQP method (declare, consume, qos, ack).
-const METHOD_TIMEOUT: Duration = Duration::from_secs(12);
+pub const METHOD_TIMEOUT: Duration = Duration::from_secs(12);
 /// Pause between connection attempts.
-const RETRY_PAUSE: Duration = Duration::from_millis(250);
+pub const RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// A consumer with nothing to do for this long checks that its node still
 /// answers (a paused node does not close the connection).
 const IDLE_PROBE: Duration = Duration::from_secs(4);
@@ -39,7 +43,7 @@ const IDLE_PROBE: Duration = Duration::from_secs(4);
 const PREFETCH: u16 = 32;
 
 /// Whether the run said stop (or went away without saying).
-fn stopped(stop: &watch::Receiver<bool>) -> bool {
+pub fn stopped(stop: &watch::Receiver<bool>) -> bool {
     *stop.borrow() || stop.has_changed().is_err()
 }
 
@@ -56,17 +60,7 @@ pub struct Counters {
     pub last_delivery: AtomicU64,
 }
 
-/// Arguments that make a durable queue a quorum queue (a Raft group).
-fn quorum_args() -> FieldTable {
-    let mut t = FieldTable::default();
-    t.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    t
-}
-
-async fn connect(uri: &str, name: &str) -> Option<(Connection, Channel)> {
+pub async fn connect(uri: &str, name: &str) -> Option<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
     let conn = timeout(CONNECT_TIMEOUT, Connection::connect(uri, props))
         .await
@@ -83,53 +77,8 @@ async fn connect(uri: &str, name: &str) -> Option<(Connection, Channel)> {
 }
 
 /// Closes a connection without waiting long for a broker that may be gone.
-async fn close(conn: Connection) {
+pub async fn close(conn: Connection) {
     let _ = timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
-}
-
-/// Declares the quorum queues, trying each node in turn for up to `within`.
-pub async fn declare_queues(
-    endpoints: &Endpoints,
-    queues: &[String],
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    let mut attempt = 0;
-    let mut last_error = String::from("no attempt");
-    while Instant::now() < deadline {
-        let (_, uri) = &endpoints[attempt % endpoints.len()];
-        attempt += 1;
-        let Some((conn, ch)) = connect(uri, "chaos-setup").await else {
-            last_error = format!("cannot connect to {uri}");
-            tokio::time::sleep(RETRY_PAUSE).await;
-            continue;
-        };
-        let mut ok = true;
-        for q in queues {
-            let r = timeout(
-                METHOD_TIMEOUT,
-                ch.queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    quorum_args(),
-                ),
-            )
-            .await;
-            if !matches!(r, Ok(Ok(_))) {
-                last_error = format!("declaring {q}: {r:?}");
-                ok = false;
-                break;
-            }
-        }
-        close(conn).await;
-        if ok {
-            return Ok(());
-        }
-    }
-    anyhow::bail!("could not declare the queues: {last_error}")
 }
 
 /// One publisher's settings.
@@ -137,6 +86,8 @@ pub async fn declare_queues(
 pub struct PublisherConfig {
     pub id: u32,
     pub queue: String,
+    /// Index of the first node to try; later attempts move on.
+    pub first_node: usize,
     /// Messages per second when the broker keeps up.
     pub rate: u32,
     /// Publishes sent before waiting for their confirms.
@@ -158,7 +109,7 @@ pub async fn publisher(
     assert!(cfg.batch > 0 && cfg.rate > 0, "a publisher publishes");
     let batch_period = Duration::from_secs_f64(cfg.batch as f64 / f64::from(cfg.rate));
     let mut seq = 0u64;
-    let mut attempt = cfg.id as usize;
+    let mut attempt = cfg.first_node;
     let name = format!("chaos-publisher-{}", cfg.id);
     while !stopped(&stop) && seq < cfg.max_messages {
         let (node, uri) = endpoints[attempt % endpoints.len()].clone();
@@ -270,6 +221,18 @@ fn record_outcome(rec: &Recorder, id: String, outcome: Outcome) {
     });
 }
 
+/// What a consumer does with each delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Records it and acks it.
+    Ack,
+    /// Records it and rejects it without requeue, so it is dead-lettered.
+    Reject,
+    /// Answers the RPC request: publishes a reply to its `reply_to` with
+    /// its correlation id, records that, and acks the request.
+    RpcServer,
+}
+
 /// One consumer's settings.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
@@ -277,6 +240,7 @@ pub struct ConsumerConfig {
     pub queue: String,
     /// Index of the first node to try; later attempts move on.
     pub first_node: usize,
+    pub role: Role,
 }
 
 /// Consumes and acks until `stop`, reconnecting to the next node whenever
@@ -373,6 +337,12 @@ async fn consume_session(
             }
         };
         last_heard = Instant::now();
+        if cfg.role == Role::RpcServer {
+            if !serve_rpc(ch, &d, node, rec).await {
+                return;
+            }
+            continue;
+        }
         let id = d
             .properties
             .message_id()
@@ -391,9 +361,57 @@ async fn consume_session(
         });
         counters.delivered.fetch_add(1, Ordering::Relaxed);
         counters.last_delivery.fetch_max(t, Ordering::Relaxed);
-        let acked = timeout(METHOD_TIMEOUT, d.acker.ack(BasicAckOptions::default())).await;
-        if !matches!(acked, Ok(Ok(_))) {
+        let settled = match cfg.role {
+            Role::Reject => {
+                timeout(
+                    METHOD_TIMEOUT,
+                    d.acker.reject(BasicRejectOptions { requeue: false }),
+                )
+                .await
+            }
+            Role::Ack | Role::RpcServer => {
+                timeout(METHOD_TIMEOUT, d.acker.ack(BasicAckOptions::default())).await
+            }
+        };
+        if !matches!(settled, Ok(Ok(_))) {
             return;
         }
     }
+}
+
+/// Answers one RPC request (default exchange, routing key `reply_to`, the
+/// request's correlation id) and acks it. A reply queue that is gone (its
+/// client's node restarted) swallows the reply, as in RabbitMQ. Returns
+/// false when the channel failed.
+async fn serve_rpc(ch: &Channel, d: &Delivery, node: NodeId, rec: &Recorder) -> bool {
+    let correlation = d.properties.correlation_id().clone();
+    if let Some(reply_to) = d.properties.reply_to() {
+        let mut props = BasicProperties::default();
+        if let Some(c) = &correlation {
+            props = props.with_correlation_id(c.clone());
+        }
+        let sent = timeout(
+            METHOD_TIMEOUT,
+            ch.basic_publish(
+                "".into(),
+                reply_to.clone(),
+                BasicPublishOptions::default(),
+                &d.data,
+                props,
+            ),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            return false;
+        }
+        rec.record(Event::RpcServed {
+            t: rec.now(),
+            id: correlation
+                .map(|c| c.as_str().to_owned())
+                .unwrap_or_default(),
+            node,
+        });
+    }
+    let acked = timeout(METHOD_TIMEOUT, d.acker.ack(BasicAckOptions::default())).await;
+    matches!(acked, Ok(Ok(_)))
 }
