@@ -99,6 +99,47 @@ pub enum Handover {
     NotSent,
 }
 
+/// A change to the queue groups this node holds a replica of.
+///
+/// Applying the definitions may open a group and close it again in quick
+/// succession (a queue declared and deleted, replayed at start); both
+/// take time, so they run in a task of their own, and one task for all of
+/// them keeps their order. Two independent tasks would race: a close that
+/// runs before its open finds nothing to close, and the group is left on
+/// disk, leaderless and campaigning, for a queue that no longer exists.
+enum GroupOp {
+    Open {
+        group: u64,
+        members: std::collections::BTreeSet<u64>,
+        sm: Box<QueueSm>,
+    },
+    Close {
+        group: u64,
+    },
+}
+
+/// Carries out [`GroupOp`]s in order. The channel is unbounded because
+/// definitions are applied where nothing may wait; it holds at most one
+/// operation per definition change in flight.
+async fn run_group_ops(raft: Arc<RaftNode>, mut ops: mpsc::UnboundedReceiver<GroupOp>) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            GroupOp::Open { group, members, sm } => {
+                if let Err(e) = raft.create_group(group, members, sm).await {
+                    tracing::error!(group, "cannot open a queue's Raft group: {e}");
+                }
+            }
+            // Also a group that is on disk but was never opened in this
+            // run (its queue was deleted while this node was down).
+            GroupOp::Close { group } => {
+                if raft.has_group(group) || raft.groups_on_disk().contains(&group) {
+                    raft.remove_group(group).await;
+                }
+            }
+        }
+    }
+}
+
 /// One Warren node.
 pub struct Node {
     pub config: Config,
@@ -124,6 +165,9 @@ pub struct Node {
     pub ready: watch::Sender<bool>,
     /// Index of the last metadata entry this node applied.
     pub meta_applied: watch::Sender<u64>,
+    /// Opening and closing of this node's queue groups, carried out one at
+    /// a time in the order the definitions were applied (see [`GroupOp`]).
+    group_ops: mpsc::UnboundedSender<GroupOp>,
     /// Consumer cancellations waiting for their node to be reachable, by
     /// node.
     pending_cancels: std::sync::Mutex<HashMap<u64, Vec<ConsumerRef>>>,
@@ -142,6 +186,8 @@ impl Node {
         // 64 ids a millisecond on average before the next run could reuse
         // one; 48 bits hold the product for thousands of years.
         let boot_floor = now_ms().saturating_mul(64) & ((1 << 48) - 1);
+        let (group_ops, ops) = mpsc::unbounded_channel();
+        tokio::spawn(run_group_ops(raft.clone(), ops));
         let node = Arc::new(Node {
             metrics: Metrics::new(),
             meta: RwLock::new(Metadata::new()),
@@ -155,6 +201,7 @@ impl Node {
             ready,
             meta_applied,
             pending_cancels: std::sync::Mutex::new(HashMap::new()),
+            group_ops,
             config,
         });
         raft.set_app_handler(Arc::new(crate::cluster::Handler {
@@ -416,11 +463,10 @@ impl Node {
                         h.stats.clone(),
                     );
                     let members = def.placement.replicas.iter().copied().collect();
-                    let raft = self.raft.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = raft.create_group(group, members, Box::new(sm)).await {
-                            tracing::error!(group, "cannot open a queue's Raft group: {e}");
-                        }
+                    let _ = self.group_ops.send(GroupOp::Open {
+                        group,
+                        members,
+                        sm: Box::new(sm),
                     });
                 }
                 h
@@ -652,15 +698,11 @@ impl Node {
                 },
             ));
         }
-        let raft = self.raft.clone();
+        if let Some(group) = h.group {
+            let _ = self.group_ops.send(GroupOp::Close { group });
+        }
         tokio::spawn(async move {
-            let group = h.group;
             let _ = h.send(Request::Stop).await;
-            if let Some(group) = group {
-                if raft.has_group(group) {
-                    raft.remove_group(group).await;
-                }
-            }
         });
     }
 
@@ -808,6 +850,7 @@ async fn after_boot(node: Arc<Node>) {
     }
     node.ready.send_replace(true);
     tracing::info!("node ready");
+    close_unplaced_groups(&node).await;
     tokio::spawn(report_leaders(node.clone(), started));
     for h in node.all_queues() {
         if h.group.is_some() {
@@ -818,6 +861,40 @@ async fn after_boot(node: Arc<Node>) {
                 })
                 .await;
         }
+    }
+}
+
+/// Removes the groups this node has on disk that the definitions no longer
+/// place on it: their queue was deleted while the node was down, so no
+/// entry will ever close them, and left alone they would sit on disk (or,
+/// opened, campaign for a queue that is gone).
+async fn close_unplaced_groups(node: &Arc<Node>) {
+    node.sync_meta().await;
+    let on_disk = node.raft.groups_on_disk();
+    let placed: std::collections::HashSet<u64> = {
+        let meta = node.meta();
+        meta.vhosts()
+            .flat_map(|v| {
+                meta.queues(v)
+                    .filter(|q| q.placement.replicas.contains(&node.node_id()))
+                    .filter_map(|q| q.placement.group)
+                    .collect::<Vec<_>>()
+            })
+            .chain([META_GROUP])
+            .collect()
+    };
+    let gone: Vec<u64> = on_disk
+        .into_iter()
+        .filter(|g| !placed.contains(g))
+        .collect();
+    if !gone.is_empty() {
+        tracing::info!(
+            groups = gone.len(),
+            "removing the groups of queues deleted while this node was down"
+        );
+    }
+    for group in gone {
+        let _ = node.group_ops.send(GroupOp::Close { group });
     }
 }
 

@@ -677,3 +677,66 @@ async fn what_one_node_declares_another_sees_at_once() {
         .unwrap_or_else(|e| panic!("{q} on node 3: {e}"));
     }
 }
+
+/// The Raft groups node `i` holds, from `/api/cluster`.
+fn groups_of(c: &Cluster, i: usize) -> Vec<u64> {
+    let (status, body) = c.http(i, "GET", "/api/cluster");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_queues_stay_deleted_on_a_node_that_restarts() {
+    let mut c = Cluster::start(3);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "kept").await;
+    for i in 0..5 {
+        declare(&ch, &format!("churn-{i}")).await;
+        ch.queue_delete(
+            format!("churn-{i}").as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let before = groups_of(&c, 1);
+    assert_eq!(before.len(), 2, "the metadata group and 'kept': {before:?}");
+    // Deleted while node 2 is down, too.
+    c.kill(1);
+    for i in 5..8 {
+        declare(&ch, &format!("churn-{i}")).await;
+        ch.queue_delete(
+            format!("churn-{i}").as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    c.spawn(1);
+    c.wait_ready(1);
+    c.wait_queue_leader("kept", Duration::from_secs(30));
+    // The node replays the declares and deletes; give the closes their turn
+    // and check it holds exactly what it held before, with every group led.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut now = groups_of(&c, 1);
+        now.sort_unstable();
+        let mut want = before.clone();
+        want.sort_unstable();
+        if now == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 2 holds {now:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
