@@ -365,14 +365,28 @@ impl RaftNode {
         .await
         .map_err(io::Error::other)?;
         let initialized = raft.is_initialized().await.map_err(io::Error::other)?;
+        let mut fresh = false;
         if !initialized && members.contains(&self.me) {
-            match raft.initialize(nodes).await {
-                Ok(()) => {}
-                // Another call got there first; the membership is on disk.
-                Err(RaftError::APIError(e)) => {
-                    tracing::debug!(group, error = %e, "group already initialised")
-                }
-                Err(e) => return Err(io::Error::other(e)),
+            // One member writes the first membership entry and the others
+            // receive it from it. If every member wrote its own, the
+            // entries' log ids would differ only by node id, and openraft
+            // ranks the highest id's log as the most up to date: only the
+            // highest-numbered node could then win a first election, and
+            // it would lead every new queue. The initialiser is drawn from
+            // the group id, so new groups' first leaders spread.
+            if initializer(group, &members) == self.me {
+                initialize(&raft, group, nodes).await?;
+                fresh = true;
+            } else {
+                // If the initialiser is down, the group must still form.
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(INITIALIZE_FALLBACK).await;
+                    if let Ok(false) = raft.is_initialized().await {
+                        tracing::debug!(group, "group's initialiser silent: initialising here");
+                        let _ = initialize(&raft, group, nodes).await;
+                    }
+                });
             }
         }
         let watcher = tokio::spawn(watch_leadership(raft.clone(), sm.clone()));
@@ -392,6 +406,24 @@ impl RaftNode {
         // whose turn it is has opened it.
         if members.len() > 1 {
             let g = self.group(group).expect("just inserted");
+            if fresh {
+                // Only this node has the membership yet, so no other
+                // member can be a candidate: no turn to wait for. Until the
+                // others would initialise on their own, it asks for votes
+                // every few hundred milliseconds (a member still opening
+                // the group refuses the first).
+                let g = g.clone();
+                let me = self.me;
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + INITIALIZE_FALLBACK;
+                    while Instant::now() < deadline && g.leader() != Some(me) {
+                        if g.leader().is_some() || g.raft.trigger().elect(true).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                });
+            }
             self.elect_in_turn(group, g, None, ELECTION_EFFORT);
         }
         drop(raft);
@@ -952,6 +984,33 @@ fn whose_turn(
         .unwrap_or(0);
     let i = (group.wrapping_add(window) % reachable_voters.len() as u64) as usize;
     Some(reachable_voters[i])
+}
+
+/// How long a member of a new group waits for the group's initialiser to
+/// send it the membership before it initialises the group itself.
+const INITIALIZE_FALLBACK: Duration = Duration::from_secs(3);
+
+/// The member that writes a new group's first membership entry.
+fn initializer(group: GroupId, members: &BTreeSet<NodeId>) -> NodeId {
+    let i = (group % members.len().max(1) as u64) as usize;
+    members.iter().copied().nth(i).unwrap_or_default()
+}
+
+/// Writes a new group's first membership entry on this node.
+async fn initialize(
+    raft: &Raft<GroupStateMachine>,
+    group: GroupId,
+    nodes: BTreeMap<NodeId, BasicNode>,
+) -> Result<(), io::Error> {
+    match raft.initialize(nodes).await {
+        Ok(()) => Ok(()),
+        // Another call got there first; the membership is on disk.
+        Err(RaftError::APIError(e)) => {
+            tracing::debug!(group, error = %e, "group already initialised");
+            Ok(())
+        }
+        Err(e) => Err(io::Error::other(e)),
+    }
 }
 
 /// How long a peer's RPC for a group this node has yet to re-open waits for
