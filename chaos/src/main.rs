@@ -13,7 +13,9 @@
 //! - `workload.rs`: publishers and consumers (acking, rejecting, the RPC
 //!   server); `rpc.rs`: the RPC client; `history.rs`: what they record;
 //! - `checker.rs`: the verdict (pure, tested); `report.rs`, `svg.rs`: output;
-//! - `monitor.rs`: leaders and queue depths from the admin API.
+//! - `monitor.rs`: leaders and queue depths from the admin API;
+//! - `restart_bench.rs`: `restart-bench`, the time a whole-cluster restart
+//!   with many queues takes to serve again (a benchmark, not a check).
 
 mod checker;
 mod cluster;
