@@ -762,3 +762,65 @@ async fn new_queues_leaders_spread_over_the_nodes() {
         "leaders per node after creating 30 queues: {led:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_survive_a_flapping_link_between_leader_and_consumer() {
+    let (c, cutter) = Cluster::start_with_cutter(3, 1, 2);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    // A queue led by node 1 or 2, so that its deliveries to a consumer on
+    // the other one cross the link that is cut.
+    let mut queue = None;
+    for i in 0..10 {
+        let name = format!("flap-{i}");
+        declare(&ch, &name).await;
+        let leader = c.wait_queue_leader(&name, Duration::from_secs(20));
+        if leader != 3 {
+            queue = Some((name, leader as usize - 1));
+            break;
+        }
+    }
+    let (queue, leader) = queue.expect("a queue led by node 1 or 2 in ten tries");
+    let consumer_node = 1 - leader;
+    let pconn = connect(&c.uri(leader)).await;
+    let pch = pconn.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let never: BTreeSet<u64> = [u64::MAX].into();
+    let consumer = tokio::spawn(consume_until(
+        vec![c.uri(consumer_node)],
+        queue.clone(),
+        never,
+        Duration::from_secs(60),
+        seen.clone(),
+    ));
+    // Publish while the link breaks every 300 ms, ten times.
+    let mut confirmed = BTreeSet::new();
+    for round in 0..10u64 {
+        cutter.cut();
+        let ids = round * 200..(round + 1) * 200;
+        confirmed.extend(
+            publish_confirmed(&pch, &queue, ids, 50)
+                .await
+                .expect("publishing on the leader's node"),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !confirmed
+        .iter()
+        .all(|id| seen.lock().unwrap().count.contains_key(id))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer stalled: {} of {} confirmed messages received",
+            seen.lock().unwrap().count.len(),
+            confirmed.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.abort();
+    assert_none_lost(&seen.lock().unwrap(), &confirmed);
+}
