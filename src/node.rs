@@ -118,23 +118,53 @@ enum GroupOp {
     },
 }
 
-/// Carries out [`GroupOp`]s in order. The channel is unbounded because
-/// definitions are applied where nothing may wait; it holds at most one
-/// operation per definition change in flight.
+/// Group operations carried out at once, at most. Opening a group reads its
+/// snapshot and log state; after a restart with thousands of groups,
+/// opening them one by one was most of the time before they served.
+const GROUP_OPS_IN_PARALLEL: usize = 32;
+
+/// Carries out [`GroupOp`]s: in order for any one group (an operation
+/// waits for the previous one on its group), up to
+/// [`GROUP_OPS_IN_PARALLEL`] groups at a time. The channel is unbounded
+/// because definitions are applied where nothing may wait; it holds at most
+/// one operation per definition change in flight.
 async fn run_group_ops(raft: Arc<RaftNode>, mut ops: mpsc::UnboundedReceiver<GroupOp>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(GROUP_OPS_IN_PARALLEL));
+    // The last operation of each group still running.
+    let mut last: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
     while let Some(op) = ops.recv().await {
-        match op {
-            GroupOp::Open { group, members, sm } => {
-                if let Err(e) = raft.create_group(group, members, sm).await {
-                    tracing::error!(group, "cannot open a queue's Raft group: {e}");
-                }
+        let group = match &op {
+            GroupOp::Open { group, .. } | GroupOp::Close { group } => *group,
+        };
+        last.retain(|_, h| !h.is_finished());
+        let before = last.remove(&group);
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let raft = raft.clone();
+        let handle = tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
             }
-            // Also a group that is on disk but was never opened in this
-            // run (its queue was deleted while this node was down).
-            GroupOp::Close { group } => {
-                if raft.has_group(group) || raft.groups_on_disk().contains(&group) {
-                    raft.remove_group(group).await;
-                }
+            group_op(&raft, op).await;
+            drop(permit);
+        });
+        last.insert(group, handle);
+    }
+}
+
+async fn group_op(raft: &RaftNode, op: GroupOp) {
+    match op {
+        GroupOp::Open { group, members, sm } => {
+            if let Err(e) = raft.create_group(group, members, sm).await {
+                tracing::error!(group, "cannot open a queue's Raft group: {e}");
+            }
+        }
+        // Also a group that is on disk but was never opened in this run
+        // (its queue was deleted while this node was down).
+        GroupOp::Close { group } => {
+            if raft.has_group(group) || raft.groups_on_disk().contains(&group) {
+                raft.remove_group(group).await;
             }
         }
     }

@@ -42,6 +42,8 @@ pub enum PeerEvent {
 #[derive(Default)]
 struct PeerState {
     up: bool,
+    /// Up at least once since this node started.
+    seen_up: bool,
     incarnation: u64,
 }
 
@@ -49,6 +51,9 @@ struct PeerState {
 pub(crate) struct Liveness {
     timeout_ms: u64,
     peers: BTreeMap<NodeId, PeerState>,
+    /// When the node started: a peer not heard from yet is not judged down
+    /// before the failure timeout has passed since then.
+    started: std::time::Instant,
 }
 
 impl Liveness {
@@ -59,6 +64,7 @@ impl Liveness {
                 .into_iter()
                 .map(|p| (p, PeerState::default()))
                 .collect(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -84,6 +90,7 @@ impl Liveness {
         let alive = last_heard_ms != 0 && now_ms.saturating_sub(last_heard_ms) < self.timeout_ms;
         if alive != state.up {
             state.up = alive;
+            state.seen_up |= alive;
             events.push(if alive {
                 PeerEvent::Up(peer)
             } else {
@@ -96,6 +103,20 @@ impl Liveness {
 
     pub(crate) fn is_up(&self, peer: NodeId) -> bool {
         self.peers.get(&peer).is_some_and(|s| s.up)
+    }
+
+    /// Whether `peer` is judged down: not up, and either seen up before or
+    /// silent for a whole failure timeout since this node started. Right
+    /// after a start every peer is not up yet without being down: a group
+    /// whose leader (known from its persisted vote) is on such a peer is
+    /// not leaderless, and electing against it would only be a vote storm.
+    pub(crate) fn is_down(&self, peer: NodeId) -> bool {
+        match self.peers.get(&peer) {
+            Some(s) => {
+                !s.up && (s.seen_up || self.started.elapsed().as_millis() as u64 >= self.timeout_ms)
+            }
+            None => true,
+        }
     }
 
     pub(crate) fn view(&self) -> BTreeMap<NodeId, bool> {
@@ -154,9 +175,11 @@ mod tests {
     fn up_down_restart() {
         let mut l = Liveness::new([2, 3], Duration::from_millis(1000));
         assert!(l.observe(2, 0, 0, 10).is_empty());
+        assert!(!l.is_down(2), "not judged before it was ever heard");
         assert_eq!(l.observe(2, 10, 5, 20), vec![PeerEvent::Up(2)]);
         assert!(l.observe(2, 10, 5, 900).is_empty());
         assert_eq!(l.observe(2, 10, 5, 1010), vec![PeerEvent::Down(2)]);
+        assert!(l.is_down(2), "down once it was seen up and went silent");
         assert_eq!(
             l.observe(2, 1500, 6, 1500),
             vec![PeerEvent::Restarted(2), PeerEvent::Up(2)]

@@ -144,8 +144,10 @@ pub struct RaftNode {
     log: Mutex<Option<Arc<SharedLog>>>,
     pub(crate) transport: Arc<Transport>,
     groups: RwLock<HashMap<GroupId, Arc<Group>>>,
-    /// Serialises creating and removing groups (both await).
-    lifecycle: tokio::sync::Mutex<()>,
+    /// Serialises creating and removing one group (both await); different
+    /// groups open in parallel, which after a restart with thousands of
+    /// groups is most of the time to serve again.
+    lifecycle: Mutex<HashMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
     app: RwLock<Option<Arc<dyn AppHandler>>>,
     events: broadcast::Sender<PeerEvent>,
     liveness: Arc<Mutex<Liveness>>,
@@ -160,6 +162,9 @@ pub struct RaftNode {
     opening: Mutex<HashSet<GroupId>>,
     /// Bumped whenever a group opens; what RPCs waiting on `opening` watch.
     opened: watch::Sender<u64>,
+    /// Groups this node is trying to get a leader for (see
+    /// [`RaftNode::elect_in_turn`]).
+    wanting: Mutex<HashMap<GroupId, Want>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -227,7 +232,7 @@ impl RaftNode {
                     events.clone(),
                 )),
                 groups: RwLock::new(HashMap::new()),
-                lifecycle: tokio::sync::Mutex::new(()),
+                lifecycle: Mutex::new(HashMap::new()),
                 app: RwLock::new(None),
                 events,
                 liveness: liveness.clone(),
@@ -235,6 +240,7 @@ impl RaftNode {
                 stopped: watch::channel(false).0,
                 opening: Mutex::new(on_disk),
                 opened: watch::channel(0).0,
+                wanting: Mutex::new(HashMap::new()),
             }
         });
         node.transport.start(listener);
@@ -248,6 +254,10 @@ impl RaftNode {
             node.stopped.subscribe(),
         ));
         tokio::spawn(leaderless_sweep(
+            Arc::downgrade(&node),
+            node.stopped.subscribe(),
+        ));
+        tokio::spawn(election_pacer(
             Arc::downgrade(&node),
             node.stopped.subscribe(),
         ));
@@ -324,7 +334,8 @@ impl RaftNode {
         members: BTreeSet<NodeId>,
         sm: Box<dyn StateMachine>,
     ) -> Result<(), io::Error> {
-        let _lifecycle = self.lifecycle.lock().await;
+        let lifecycle = self.lifecycle_of(group);
+        let _lifecycle = lifecycle.lock().await;
         if self.has_group(group) {
             return Ok(());
         }
@@ -424,16 +435,23 @@ impl RaftNode {
                     }
                 });
             }
-            self.elect_in_turn(group, g, None, ELECTION_EFFORT);
+            self.elect_in_turn(group, None, ELECTION_EFFORT);
         }
         drop(raft);
         tracing::debug!(group, ?members, "group opened");
         Ok(())
     }
 
+    /// The lock that serialises opening and removing `group`. Entries stay
+    /// for the node's life: one small lock per group ever held here.
+    fn lifecycle_of(&self, group: GroupId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.lifecycle).entry(group).or_default().clone()
+    }
+
     /// Stops the group and deletes its log, vote and snapshot.
     pub async fn remove_group(&self, group: GroupId) {
-        let _lifecycle = self.lifecycle.lock().await;
+        let lifecycle = self.lifecycle_of(group);
+        let _lifecycle = lifecycle.lock().await;
         lock(&self.opening).remove(&group);
         self.opened.send_modify(|n| *n += 1);
         let removed = self
@@ -771,53 +789,109 @@ impl RaftNode {
     }
 
     /// Makes sure `group` gets a leader other than `failed` within `effort`:
-    /// every 50 ms, if the group still has no (live) leader and it is this
-    /// node's turn among the reachable voters (see [`whose_turn`]), this node
-    /// runs a pre-vote and, if that succeeds, an election. Only one voter
-    /// tries at a time, so candidates do not raise terms against each
-    /// other; a pre-vote that fails raises nothing.
-    fn elect_in_turn(
-        &self,
-        group: GroupId,
-        g: Arc<Group>,
-        failed: Option<NodeId>,
-        effort: Duration,
-    ) {
-        let me = self.me;
-        let liveness = self.liveness.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + effort;
-            while Instant::now() < deadline {
-                let leader = g.leader();
-                let settled = match leader {
+    /// the group joins this node's election queue, which the node's one
+    /// election pacer ([`election_pacer`]) works through. Whenever the group
+    /// still has no (live) leader and it is this node's turn among the
+    /// reachable voters (see [`whose_turn`]), the pacer runs a pre-vote and,
+    /// if that succeeds, an election. Only one voter tries at a time, so
+    /// candidates do not raise terms against each other; a pre-vote that
+    /// fails raises nothing.
+    fn elect_in_turn(&self, group: GroupId, failed: Option<NodeId>, effort: Duration) {
+        let until = Instant::now() + effort;
+        let mut wanting = lock(&self.wanting);
+        let want = wanting.entry(group).or_insert(Want {
+            failed,
+            until,
+            tried: None,
+        });
+        want.until = want.until.max(until);
+        if failed.is_some() {
+            want.failed = failed;
+        }
+    }
+}
+
+/// A group in the node's election queue.
+pub(crate) struct Want {
+    /// The leader that was lost (a leader still reported as this one does
+    /// not count as settled).
+    failed: Option<NodeId>,
+    /// When the node stops trying (the leaderless sweep takes over).
+    until: Instant,
+    /// When this node last asked for votes in it.
+    tried: Option<Instant>,
+}
+
+/// How often the election pacer looks at the queue.
+const PACER_TICK: Duration = Duration::from_millis(50);
+
+/// Time after an attempt before the same group is tried again by this node:
+/// a vote round trip, with fsyncs.
+const RETRY_AFTER: Duration = Duration::from_millis(300);
+
+/// Elections this node runs at once, at most. After a whole-cluster
+/// restart every group wants a leader; running them all at once would
+/// queue thousands of vote RPCs and fsyncs behind each other.
+const ELECTIONS_IN_FLIGHT: usize = 64;
+
+/// The node's one election task: it works through the groups in its
+/// election queue, in turns and in bounded batches, so the cost of
+/// elections is paced per node rather than a task per group.
+async fn election_pacer(node: Weak<RaftNode>, mut stopped: watch::Receiver<bool>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(ELECTIONS_IN_FLIGHT));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(PACER_TICK) => {}
+            _ = stopped.wait_for(|s| *s) => return,
+        }
+        let Some(node) = node.upgrade() else { return };
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        let me = node.me;
+        let mut due = Vec::new();
+        {
+            let live = lock(&node.liveness);
+            let mut wanting = lock(&node.wanting);
+            wanting.retain(|group, want| {
+                if now >= want.until {
+                    return false;
+                }
+                let Some(g) = node.group(*group) else {
+                    return false;
+                };
+                let settled = match g.leader() {
                     Some(l) if l == me => true,
-                    Some(l) => Some(l) != failed && lock(&liveness).is_up(l),
+                    Some(l) => Some(l) != want.failed && !live.is_down(l),
                     None => false,
                 };
                 if settled {
-                    return;
+                    return false;
                 }
-                let voters = g.voters();
-                let reachable: Vec<NodeId> = {
-                    let live = lock(&liveness);
-                    voters
-                        .iter()
-                        .copied()
-                        .filter(|v| *v == me || (Some(*v) != failed && live.is_up(*v)))
-                        .collect()
-                };
-                if whose_turn(group, &reachable, std::time::SystemTime::now()) == Some(me) {
-                    tracing::debug!(group, ?failed, "starting election");
-                    if g.raft.trigger().elect(true).await.is_err() {
-                        return;
-                    }
-                    // A vote round trip, with fsyncs, before trying again.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                if want.tried.is_some_and(|t| now < t + RETRY_AFTER) {
+                    return true;
                 }
-            }
-        });
+                let reachable: Vec<NodeId> = g
+                    .raft
+                    .voter_ids()
+                    .filter(|v| *v == me || (Some(*v) != want.failed && live.is_up(*v)))
+                    .collect();
+                if whose_turn(*group, &reachable, wall) == Some(me) {
+                    due.push((*group, g));
+                    want.tried = Some(now);
+                }
+                true
+            });
+        }
+        for (group, g) in due {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            tracing::debug!(group, "starting election");
+            tokio::spawn(async move {
+                let _ = g.raft.trigger().elect(true).await;
+                drop(permit);
+            });
+        }
     }
 }
 
@@ -831,7 +905,7 @@ impl OnPeerLost for RaftNode {
             if !g.voters().contains(&self.me) {
                 continue;
             }
-            self.elect_in_turn(id, g, Some(peer), ELECTION_EFFORT);
+            self.elect_in_turn(id, Some(peer), ELECTION_EFFORT);
         }
     }
 }
@@ -1042,13 +1116,12 @@ async fn leaderless_sweep(node: Weak<RaftNode>, mut stopped: watch::Receiver<boo
             let orphaned = match leader {
                 None => true,
                 Some(l) if l == node.me => false,
-                Some(l) => !lock(&node.liveness).is_up(l),
+                Some(l) => lock(&node.liveness).is_down(l),
             };
-            let voters = g.voters();
-            if !orphaned || !voters.contains(&node.me) {
+            if !orphaned || !g.raft.voter_ids().any(|v| v == node.me) {
                 continue;
             }
-            node.elect_in_turn(id, g, leader, LEADERLESS_SWEEP);
+            node.elect_in_turn(id, leader, LEADERLESS_SWEEP);
         }
     }
 }
