@@ -29,6 +29,8 @@ use tokio::time::timeout;
 
 /// Longest wait for any one phase.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
+/// Channels per node on which the consumers subscribe at once.
+const CONSUME_CHANNELS: usize = 16;
 /// Queues declared (and messages published) in one go on one connection.
 const DECLARE_WINDOW: usize = 64;
 
@@ -108,28 +110,39 @@ async fn drain(uri: String, names: Vec<String>, received: Arc<AtomicUsize>, dead
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let Ok(ch) = conn.create_channel().await else {
-            continue;
-        };
-        // One task per subscription waits for its first delivery.
+        // Subscriptions are made on several channels at once (each
+        // basic.consume waits for its consume-ok), and one task per
+        // subscription waits for its first delivery.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiting = tokio::task::JoinSet::new();
-        for q in left.iter() {
-            let opts = BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            };
-            let Ok(mut c) = ch
-                .basic_consume(q.as_str().into(), "".into(), opts, FieldTable::default())
-                .await
-            else {
+        let list: Vec<String> = left.iter().cloned().collect();
+        let per_channel = list.len().div_ceil(CONSUME_CHANNELS).max(1);
+        for chunk in list.chunks(per_channel) {
+            let Ok(ch) = conn.create_channel().await else {
                 break;
             };
-            let (q, tx) = (q.clone(), tx.clone());
+            let (chunk, tx) = (chunk.to_vec(), tx.clone());
             waiting.spawn(async move {
-                if let Some(Ok(_)) = c.next().await {
-                    let _ = tx.send(q);
+                let mut firsts = tokio::task::JoinSet::new();
+                for q in chunk {
+                    let opts = BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    };
+                    let Ok(mut c) = ch
+                        .basic_consume(q.as_str().into(), "".into(), opts, FieldTable::default())
+                        .await
+                    else {
+                        break;
+                    };
+                    let tx = tx.clone();
+                    firsts.spawn(async move {
+                        if let Some(Ok(_)) = c.next().await {
+                            let _ = tx.send(q);
+                        }
+                    });
                 }
+                while firsts.join_next().await.is_some() {}
             });
         }
         drop(tx);
