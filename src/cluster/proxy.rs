@@ -195,10 +195,14 @@ async fn run(
 fn answer(node: &Node, w: Waiter, r: OpReply) {
     match (w, r) {
         (Waiter::Apply { reply, .. }, OpReply::Effects(effects)) => {
+            // A caller that waits for the reply gets the confirm in it, as
+            // from a node-local queue's runner (a queue dead-lettering at
+            // least once reads its target queues' confirms so); a channel's
+            // publish is confirmed to the channel.
             let mut rest = Vec::new();
             for e in effects {
                 match e {
-                    Effect::Confirm { confirm, accepted } => {
+                    Effect::Confirm { confirm, accepted } if reply.is_none() => {
                         node.send_to_owner(
                             confirm.owner,
                             ChannelEvent::Confirm {
@@ -224,10 +228,13 @@ fn answer(node: &Node, w: Waiter, r: OpReply) {
     }
 }
 
-/// The outcome is unknown: a publisher is nacked, a caller sees no answer.
+/// The outcome is unknown: a publisher is nacked, a caller sees no answer
+/// (its reply is dropped), which is all a caller that asked for the
+/// confirm in the reply is told.
 fn fail(node: &Node, w: Waiter) {
     if let Waiter::Apply {
-        confirm: Some(c), ..
+        confirm: Some(c),
+        reply: None,
     } = w
     {
         node.send_to_owner(

@@ -18,6 +18,15 @@ pub type OwnerId = u64;
 /// strictly increasing. The channel maps its delivery tags to these.
 pub type MsgId = u64;
 
+/// The owner named in the confirms a queue's shell asks for on its own
+/// behalf rather than a channel's: a quorum queue dead-lettering at least
+/// once enqueues into the target queues with it and reads the confirms from
+/// the replies. No channel has this id (a channel's id carries its node's
+/// id, at least 1, in the top bits). An enqueue confirmed to it is not
+/// remembered as a publisher's last sequence number: its sender numbers
+/// enqueues its own way and accepts duplicates.
+pub const SHELL_OWNER: OwnerId = 0;
+
 /// Names a publisher-confirm to send once the queue has accepted (or refused)
 /// an enqueue: the channel and the publish sequence number on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -33,6 +33,7 @@
 
 use super::command::{
     Command, ConfirmRef, ConsumerSpec, DeadLetterReason, Effect, MsgId, OwnerId, QueueCounts,
+    SHELL_OWNER,
 };
 use super::config::{Overflow, QueueConfig};
 use crate::message::Message;
@@ -391,7 +392,10 @@ impl QueueState {
     }
 
     fn enqueue(&mut self, msg: Message, confirm: Option<ConfirmRef>, fx: &mut Vec<Effect>) {
-        if let Some(c) = confirm {
+        // The shell's own enqueues (see SHELL_OWNER) are never taken for
+        // copies: their sequence numbers are not a publisher's.
+        let publisher = confirm.filter(|c| c.owner != SHELL_OWNER);
+        if let Some(c) = publisher {
             if self
                 .publishers
                 .get(&c.owner)
@@ -432,7 +436,7 @@ impl QueueState {
             redelivered: false,
         };
         self.insert_ready(id, stored);
-        if let Some(c) = confirm {
+        if let Some(c) = publisher {
             self.publishers.insert(c.owner, c.seq);
             if self.publishers.len() > MAX_REMEMBERED_PUBLISHERS {
                 self.publishers.pop_first();
@@ -1908,6 +1912,32 @@ mod tests {
     }
 
     #[test]
+    fn the_shells_own_enqueues_are_never_taken_for_copies() {
+        let mut q = classic();
+        let shell = |q: &mut QueueState, body: &str| {
+            q.apply(Command::Enqueue {
+                msg: msg(body),
+                confirm: Some(ConfirmRef {
+                    owner: SHELL_OWNER,
+                    seq: 1,
+                }),
+                now_ms: T0,
+            })
+        };
+        let accepted = Effect::Confirm {
+            confirm: ConfirmRef {
+                owner: SHELL_OWNER,
+                seq: 1,
+            },
+            accepted: true,
+        };
+        assert_eq!(shell(&mut q, "a"), vec![accepted.clone()]);
+        assert_eq!(shell(&mut q, "b"), vec![accepted]);
+        assert_eq!(q.counts().ready, 2);
+        assert!(q.publishers.is_empty());
+    }
+
+    #[test]
     fn drop_head_makes_room_by_dead_lettering_the_oldest() {
         let mut q = limited(Some(2), None, Overflow::DropHead);
         confirmed(&mut q, "a", 1);
@@ -2014,6 +2044,8 @@ mod properties {
 
     const T0: u64 = 1_000;
     const OWNERS: u64 = 3;
+    /// The channel that publishes with confirms (consumers are 1..=OWNERS).
+    const PUBLISHER: OwnerId = 9;
 
     /// One step of a history, before it is turned into a [`Command`] (ids
     /// are picked from what the queue holds at that point, so that settles
@@ -2207,8 +2239,15 @@ mod properties {
                         priority,
                         expiration_ms: expiration,
                     };
+                    // Some enqueues are the shell's own (dead letters from
+                    // another queue), which are never taken for copies.
+                    let owner = if self.seq % 5 == 0 {
+                        SHELL_OWNER
+                    } else {
+                        PUBLISHER
+                    };
                     let confirm = confirm.then_some(ConfirmRef {
-                        owner: 0,
+                        owner,
                         seq: self.seq,
                     });
                     Command::Enqueue {

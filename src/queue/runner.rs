@@ -28,7 +28,8 @@ const BATCH: usize = 256;
 /// Requests a runner serves.
 pub enum Request {
     /// Apply a command. `reply` receives the reply effects (get-ok,
-    /// get-empty, purged).
+    /// get-empty, purged), and the confirm of an enqueue, which then goes
+    /// to the caller instead of the channel it names.
     Apply(Command, Option<oneshot::Sender<Vec<Effect>>>),
     /// Register a consumer, refusing it if an exclusive consumer is there or
     /// it asks for exclusivity while others are.
