@@ -249,13 +249,16 @@ fn fail(node: &Node, w: Waiter) {
 
 /// After a failed proposal, the commands that must eventually happen are
 /// proposed again, a second later, until they are committed or the queue is
-/// deleted: settlements (ack, nack, reject), a consumer's cancel, and a
-/// channel that closed (`OwnerDown`). Without them a consumer whose acks
-/// were lost would stay at its prefetch limit and receive nothing more, and
-/// a closed channel's messages would stay checked out to it forever. All of
-/// them are idempotent (settling what the owner no longer holds does
-/// nothing). Publishes are not retried (their publisher got a nack), nor is
-/// a node reported gone (by then the node may well be back).
+/// deleted: settlements (ack, nack, reject), a consumer's cancel, a channel
+/// that closed (`OwnerDown`), and the report that dead letters reached their
+/// queues (`DeadLettered`). Without them a consumer whose acks were lost
+/// would stay at its prefetch limit and receive nothing more, a closed
+/// channel's messages would stay checked out to it forever, and messages
+/// already dead-lettered would stay in their queue until a retry
+/// dead-letters them once more. All of them are idempotent (settling what
+/// the owner no longer holds does nothing). Publishes are not retried
+/// (their publisher got a nack), nor is a node reported gone (by then the
+/// node may well be back).
 fn retry_later(handle: &QueueHandle, ops: Vec<QueueOp>) {
     let must: Vec<Request> = ops
         .into_iter()
@@ -265,7 +268,8 @@ fn retry_later(handle: &QueueHandle, ops: Vec<QueueOp>) {
                 | Command::Settle { .. }
                 | Command::Return { .. }
                 | Command::Discard { .. }
-                | Command::Cancel { .. }),
+                | Command::Cancel { .. }
+                | Command::DeadLettered { .. }),
             ) => Some(Request::Apply(cmd, None)),
             _ => None,
         })

@@ -111,6 +111,13 @@ pub enum Command {
     /// Time passed: expire messages whose TTL ran out and the queue itself
     /// if `x-expires` ran out.
     Tick { now_ms: u64 },
+    /// Messages being dead-lettered at least once have reached every queue
+    /// the dead-letter exchange routed them to: they leave the queue. Ids
+    /// no longer being dead-lettered are ignored.
+    ///
+    /// (Variants are only ever appended, so that logs written before a
+    /// variant existed still decode.)
+    DeadLettered { ids: Vec<MsgId> },
 }
 
 /// Why a message is dead-lettered; written into `x-death` as RabbitMQ names it.
@@ -169,6 +176,11 @@ pub enum Effect {
     DeadLetter {
         msg: Message,
         reason: DeadLetterReason,
+        /// Dead-lettering at least once: the message stays in the queue
+        /// under this id until the shell reports, with
+        /// [`Command::DeadLettered`], that every target queue accepted it.
+        /// None: publish and forget.
+        settle: Option<MsgId>,
     },
     /// Answer to [`Command::Purge`].
     Purged { count: u64 },
@@ -187,4 +199,7 @@ pub struct QueueCounts {
     pub ready_bytes: u64,
     /// Registered consumers.
     pub consumers: u64,
+    /// Messages being dead-lettered at least once, not yet accepted by
+    /// every target queue (RabbitMQ's `messages_dlx`).
+    pub dead_lettering: u64,
 }
