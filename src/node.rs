@@ -170,6 +170,18 @@ async fn group_op(raft: &RaftNode, op: GroupOp) {
     }
 }
 
+/// Where a dead-lettered message goes ([`Node::route_dead_letter`]).
+pub struct DeadLetterRoute {
+    /// The message as republished: `x-death` added, the dead-letter
+    /// exchange and routing key as its exchange and routing key.
+    pub msg: Message,
+    /// The queues the dead-letter exchange routes it to.
+    pub targets: Vec<Arc<str>>,
+    /// The exchange also routed it back to the queue it left, which the
+    /// cycle rule leaves out.
+    pub cycled: bool,
+}
+
 /// One Warren node.
 pub struct Node {
     pub config: Config,
@@ -781,9 +793,49 @@ impl Node {
         }
     }
 
+    /// Where a message dead-lettered by `queue` goes: the message as its
+    /// dead-letter exchange republishes it (with an `x-death` entry, as
+    /// RabbitMQ adds) and the queues that exchange routes it to. None when
+    /// the queue has no dead-letter exchange or the exchange does not exist.
+    pub fn route_dead_letter(
+        &self,
+        vhost: &str,
+        queue: &str,
+        config: &QueueConfig,
+        msg: &Message,
+        reason: DeadLetterReason,
+    ) -> Option<DeadLetterRoute> {
+        let dlx = config.dead_letter_exchange.as_deref()?;
+        let routing_key = config
+            .dead_letter_routing_key
+            .clone()
+            .unwrap_or_else(|| msg.routing_key.to_string());
+        let dead = add_x_death(msg, queue, reason, now_ms());
+        let dead = Message {
+            exchange: Arc::from(dlx),
+            routing_key: Arc::from(routing_key.as_str()),
+            ..dead
+        };
+        let mut routed = Vec::new();
+        self.meta()
+            .route(vhost, dlx, &routing_key, &dead.raw_properties, &mut routed)
+            .ok()?;
+        // A message is never dead-lettered back into the queue it left for
+        // the same reason in a cycle without a reject (RabbitMQ's cycle
+        // rule); keeping it simple: skip the source queue unless the reason
+        // is a rejection.
+        let routed_count = routed.len();
+        routed.retain(|name| &**name != queue || reason == DeadLetterReason::Rejected);
+        Some(DeadLetterRoute {
+            msg: dead,
+            cycled: routed.len() < routed_count,
+            targets: routed,
+        })
+    }
+
     /// Publishes a dead-lettered message to the queue's dead-letter exchange
-    /// with an `x-death` entry, as RabbitMQ does. Never waits: a full target
-    /// queue gets the message from a spawned task.
+    /// (at most once: nothing tells whether it arrived). Never waits: a full
+    /// target queue gets the message from a spawned task.
     pub fn dead_letter(
         self: &Arc<Self>,
         vhost: &str,
@@ -792,39 +844,14 @@ impl Node {
         msg: Message,
         reason: DeadLetterReason,
     ) {
-        let Some(dlx) = config.dead_letter_exchange.as_deref() else {
+        let Some(route) = self.route_dead_letter(vhost, queue, config, &msg, reason) else {
             return;
         };
-        let routing_key = config
-            .dead_letter_routing_key
-            .clone()
-            .unwrap_or_else(|| msg.routing_key.to_string());
-        let dead = add_x_death(&msg, queue, reason, now_ms());
-        let dead = Message {
-            exchange: Arc::from(dlx),
-            routing_key: Arc::from(routing_key.as_str()),
-            ..dead
-        };
-        let mut targets = Vec::new();
-        if self
-            .meta()
-            .route(vhost, dlx, &routing_key, &dead.raw_properties, &mut targets)
-            .is_err()
-        {
-            return;
-        }
         self.metrics.dead_lettered.inc();
-        for name in targets {
-            // A message is never dead-lettered back into the queue it left
-            // for the same reason in a cycle without a reject (RabbitMQ's
-            // cycle rule); keeping it simple: skip the source queue unless
-            // the reason is a rejection.
-            if &*name == queue && reason != DeadLetterReason::Rejected {
-                continue;
-            }
+        for name in route.targets {
             if let Some(h) = self.queue(vhost, &name) {
                 let cmd = Command::Enqueue {
-                    msg: dead.clone(),
+                    msg: route.msg.clone(),
                     confirm: None,
                     now_ms: now_ms(),
                 };

@@ -1,7 +1,8 @@
 //! Warren driven by lapin, a real Rust AMQP client: ordering, large bodies,
 //! every property and header type, confirms, acks and redelivery, prefetch,
-//! a channel-wide (global) prefetch, and publishers blocked by the memory
-//! alarm while consumers go on.
+//! a channel-wide (global) prefetch, publishers blocked by the memory alarm
+//! while consumers go on, and the declare-time checks of
+//! `x-dead-letter-strategy`.
 
 mod common;
 
@@ -591,4 +592,68 @@ async fn a_changed_global_prefetch_applies_to_existing_consumers() {
         .await
         .unwrap();
     exactly(&mut rx, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_strategy_is_checked_at_declare() {
+    let server = Server::start();
+    let conn = connect(&server).await;
+    let table = |pairs: &[(&str, &str)]| {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(
+                ShortString::from(*k),
+                AMQPValue::LongString(LongString::from(*v)),
+            );
+        }
+        t
+    };
+    let ch = conn.create_channel().await.unwrap();
+    let err = ch
+        .queue_declare(
+            "bad".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            table(&[("x-dead-letter-strategy", "exactly-once")]),
+        )
+        .await
+        .expect_err("an unknown strategy is refused");
+    assert_eq!(common::reply_code(&err), Some(406), "{err}");
+    assert!(
+        err.to_string().contains(
+            "invalid arg 'x-dead-letter-strategy': expected at-most-once or at-least-once, \
+             got 'exactly-once'"
+        ),
+        "{err}"
+    );
+    // Without reject-publish a quorum queue falls back to at-most-once,
+    // with a warning, as RabbitMQ does; a classic queue ignores it.
+    let ch = conn.create_channel().await.unwrap();
+    declare(
+        &ch,
+        "fallback",
+        table(&[
+            ("x-queue-type", "quorum"),
+            ("x-dead-letter-exchange", "dlx"),
+            ("x-dead-letter-strategy", "at-least-once"),
+        ]),
+    )
+    .await;
+    assert!(server.wait_for_log(
+        "x-dead-letter-strategy at-least-once falls back to at-most-once",
+        WAIT
+    ));
+    ch.queue_declare(
+        "classic".into(),
+        QueueDeclareOptions::default(),
+        table(&[
+            ("x-dead-letter-exchange", "dlx"),
+            ("x-dead-letter-strategy", "at-least-once"),
+            ("x-overflow", "reject-publish"),
+        ]),
+    )
+    .await
+    .expect("a classic queue accepts the strategy");
 }

@@ -1,7 +1,8 @@
 //! A 3-node cluster used the way users run it: hundreds of idle queues
 //! beside the busy ones, clients on other nodes than the queues' leaders
-//! and homes, dead letters and replies that cross nodes. Each test here is a
-//! fault a single node never shows.
+//! and homes, dead letters and replies that cross nodes, dead-lettering at
+//! least once through a killed leader. Each test here is a fault a single
+//! node never shows.
 
 mod common;
 
@@ -850,4 +851,233 @@ async fn deliveries_survive_a_flapping_link_between_leader_and_consumer() {
     }
     consumer.abort();
     assert_none_lost(&seen.lock().unwrap(), &confirmed);
+}
+
+/// A number from a queue's entry in node `i`'s `/api/queues`.
+fn queue_number(c: &Cluster, i: usize, queue: &str, field: &str) -> Option<u64> {
+    let (status, body) = c.http(i, "GET", "/api/queues");
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v.as_array()?
+        .iter()
+        .find(|q| q["name"] == queue)
+        .and_then(|q| q[field].as_u64())
+}
+
+/// The replicas of a queue, from node `i`'s `/api/queues`.
+fn queue_members(c: &Cluster, i: usize, queue: &str) -> Vec<u64> {
+    let (_, body) = c.http(i, "GET", "/api/queues");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v.as_array()
+        .and_then(|a| a.iter().find(|q| q["name"] == queue))
+        .and_then(|q| q["members"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|m| m.as_u64())
+        .collect()
+}
+
+/// Waits until node `i` reports `want` messages being dead-lettered by
+/// `queue` (RabbitMQ's `messages_dlx`).
+async fn wait_dead_lettering(c: &Cluster, i: usize, queue: &str, want: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = queue_number(c, i, queue, "messages_dlx");
+        if seen == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue}: messages_dlx {seen:?} on node {}, want {want}",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The arguments of a quorum queue that dead-letters at least once
+/// through `dlx`.
+fn at_least_once_args(dlx: &str) -> FieldTable {
+    args(&[
+        ("x-queue-type", text("quorum")),
+        ("x-dead-letter-exchange", text(dlx)),
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ])
+}
+
+/// Publishes ids `ids` to `queue` through `uri` with confirms, then
+/// consumes them there and rejects each without requeue.
+async fn publish_and_reject(uri: &str, queue: &str, ids: std::ops::Range<u64>) {
+    let conn = connect(uri).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let n = ids.end - ids.start;
+    let acked = publish_confirmed(&ch, queue, ids, 100).await.unwrap();
+    assert_eq!(acked.len() as u64, n, "every publish confirmed");
+    ch.basic_qos(n as u16, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "rejecter".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..n {
+        next_delivery(&mut consumer)
+            .await
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_dead_letters_survive_a_killed_source_leader() {
+    const N: u64 = 100;
+    let mut c = Cluster::start(3);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "dlx".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    // The dead-letter queue has one replica, so stopping its node makes it
+    // unavailable: the rejected messages are certain to be still on their
+    // way to it when the source's leader is killed.
+    ch.queue_declare(
+        "dead".into(),
+        durable,
+        args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-quorum-initial-group-size", AMQPValue::LongInt(1)),
+        ]),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "dead".into(),
+        "dlx".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare("src".into(), durable, at_least_once_args("dlx"))
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    let members = queue_members(&c, 0, "dead");
+    assert_eq!(members.len(), 1, "{members:?}");
+    let target = members[0] as usize - 1;
+
+    c.kill(target);
+    let leader = c.wait_queue_leader("src", Duration::from_secs(30)) as usize - 1;
+    let rejecter = (0..3).find(|&i| i != target && i != leader).unwrap();
+    publish_and_reject(&c.uri(rejecter), "src", 0..N).await;
+    // Every rejected message waits in the source for the dead-letter queue.
+    wait_dead_lettering(&c, rejecter, "src", N, Duration::from_secs(30)).await;
+    assert_eq!(queue_number(&c, rejecter, "src", "messages_ready"), Some(0));
+
+    // kill -9 the leader that had them under way, then bring everything
+    // back: the next leader dead-letters them again.
+    c.kill(leader);
+    c.spawn(leader);
+    c.wait_ready(leader);
+    c.spawn(target);
+    c.wait_ready(target);
+
+    // Read from the node that neither rejected them nor led the source.
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let want: BTreeSet<u64> = (0..N).collect();
+    consume_until(
+        vec![c.uri(target)],
+        "dead".into(),
+        want.clone(),
+        Duration::from_secs(90),
+        seen.clone(),
+    )
+    .await;
+    assert_none_lost(&seen.lock().unwrap(), &want);
+    // Once every copy is confirmed, they leave the source.
+    wait_dead_lettering(&c, rejecter, "src", 0, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_dead_letters_wait_for_a_route() {
+    const N: u64 = 20;
+    let c = Cluster::start(3);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "nowhere".into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "src".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        at_least_once_args("nowhere"),
+    )
+    .await
+    .unwrap();
+    publish_and_reject(&c.uri(1), "src", 0..N).await;
+
+    // The exchange routes them nowhere: they stay in the source, neither
+    // ready nor lost, through more than one retry.
+    wait_dead_lettering(&c, 2, "src", N, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(queue_number(&c, 2, "src", "messages_dlx"), Some(N));
+    assert_eq!(queue_number(&c, 2, "src", "messages_ready"), Some(0));
+
+    // A queue bound to the exchange gets every one of them.
+    let n3 = connect(&c.uri(2)).await;
+    let ch3 = n3.create_channel().await.unwrap();
+    declare(&ch3, "dead").await;
+    ch3.queue_bind(
+        "dead".into(),
+        "nowhere".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let want: BTreeSet<u64> = (0..N).collect();
+    consume_until(
+        vec![c.uri(2)],
+        "dead".into(),
+        want.clone(),
+        Duration::from_secs(30),
+        seen.clone(),
+    )
+    .await;
+    assert_none_lost(&seen.lock().unwrap(), &want);
+    wait_dead_lettering(&c, 0, "src", 0, Duration::from_secs(30)).await;
 }

@@ -148,6 +148,8 @@ async fn queues(State(node): State<Arc<Node>>) -> impl IntoResponse {
                 "messages_ready": ready,
                 "messages_unacknowledged": unacked,
                 "message_bytes_ready": s.ready_bytes.load(Ordering::Relaxed),
+                // RabbitMQ's name: messages being dead-lettered at least once.
+                "messages_dlx": s.dead_lettering.load(Ordering::Relaxed),
                 "consumers": s.consumers.load(Ordering::Relaxed),
                 "node": format!("warren@{}", node.config.node_id),
                 "leader": q.group.and_then(|g| node.raft().leader(g)),

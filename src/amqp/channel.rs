@@ -630,13 +630,26 @@ impl Conn {
                         format!("queue name '{name}' contains reserved prefix 'amq.*'"),
                     ));
                 }
-                QueueConfig::from_arguments(d.durable, d.exclusive, d.auto_delete, &d.arguments)
-                    .map_err(|e| {
-                        AmqpError::new(
-                            reply::PRECONDITION_FAILED,
-                            format!("{e} (queue '{name}' in vhost '{vhost}')"),
-                        )
-                    })?;
+                let config = QueueConfig::from_arguments(
+                    d.durable,
+                    d.exclusive,
+                    d.auto_delete,
+                    &d.arguments,
+                )
+                .map_err(|e| {
+                    AmqpError::new(
+                        reply::PRECONDITION_FAILED,
+                        format!("{e} (queue '{name}' in vhost '{vhost}')"),
+                    )
+                })?;
+                // Accepted, as RabbitMQ does, with the same kind of warning.
+                if let Some(why) = config.at_least_once_fallback() {
+                    tracing::warn!(
+                        queue = %name,
+                        vhost = %vhost,
+                        "x-dead-letter-strategy at-least-once falls back to at-most-once: {why}"
+                    );
+                }
                 self.node
                     .apply_meta(MetaCommand::DeclareQueue {
                         vhost: vhost.clone(),

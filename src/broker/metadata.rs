@@ -44,7 +44,7 @@ const PREDECLARED: [(&str, ExchangeKind, bool); 7] = [
 
 /// Queue arguments a redeclare must repeat with an equal value, as RabbitMQ
 /// checks them.
-const QUEUE_EQUIVALENCE_ARGS: [&str; 11] = [
+const QUEUE_EQUIVALENCE_ARGS: [&str; 12] = [
     "x-queue-type",
     "x-message-ttl",
     "x-expires",
@@ -53,6 +53,7 @@ const QUEUE_EQUIVALENCE_ARGS: [&str; 11] = [
     "x-overflow",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
     "x-max-priority",
     "x-single-active-consumer",
     "x-delivery-limit",

@@ -8,10 +8,13 @@
 //!   out deliveries.
 //! - [`proxy`]: on every node, the task that turns a replicated queue's
 //!   requests into proposals.
+//! - [`dead_letter`]: a replicated queue's leader dead-lettering at least
+//!   once.
 //!
 //! This module also answers the one-way messages other nodes send
 //! ([`Handler`]) and reacts to the failure detector's peer events.
 
+pub mod dead_letter;
 pub mod meta_sm;
 pub mod proxy;
 pub mod queue_sm;

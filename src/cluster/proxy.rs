@@ -195,10 +195,14 @@ async fn run(
 fn answer(node: &Node, w: Waiter, r: OpReply) {
     match (w, r) {
         (Waiter::Apply { reply, .. }, OpReply::Effects(effects)) => {
+            // A caller that waits for the reply gets the confirm in it, as
+            // from a node-local queue's runner (a queue dead-lettering at
+            // least once reads its target queues' confirms so); a channel's
+            // publish is confirmed to the channel.
             let mut rest = Vec::new();
             for e in effects {
                 match e {
-                    Effect::Confirm { confirm, accepted } => {
+                    Effect::Confirm { confirm, accepted } if reply.is_none() => {
                         node.send_to_owner(
                             confirm.owner,
                             ChannelEvent::Confirm {
@@ -224,10 +228,13 @@ fn answer(node: &Node, w: Waiter, r: OpReply) {
     }
 }
 
-/// The outcome is unknown: a publisher is nacked, a caller sees no answer.
+/// The outcome is unknown: a publisher is nacked, a caller sees no answer
+/// (its reply is dropped), which is all a caller that asked for the
+/// confirm in the reply is told.
 fn fail(node: &Node, w: Waiter) {
     if let Waiter::Apply {
-        confirm: Some(c), ..
+        confirm: Some(c),
+        reply: None,
     } = w
     {
         node.send_to_owner(
@@ -242,13 +249,16 @@ fn fail(node: &Node, w: Waiter) {
 
 /// After a failed proposal, the commands that must eventually happen are
 /// proposed again, a second later, until they are committed or the queue is
-/// deleted: settlements (ack, nack, reject), a consumer's cancel, and a
-/// channel that closed (`OwnerDown`). Without them a consumer whose acks
-/// were lost would stay at its prefetch limit and receive nothing more, and
-/// a closed channel's messages would stay checked out to it forever. All of
-/// them are idempotent (settling what the owner no longer holds does
-/// nothing). Publishes are not retried (their publisher got a nack), nor is
-/// a node reported gone (by then the node may well be back).
+/// deleted: settlements (ack, nack, reject), a consumer's cancel, a channel
+/// that closed (`OwnerDown`), and the report that dead letters reached their
+/// queues (`DeadLettered`). Without them a consumer whose acks were lost
+/// would stay at its prefetch limit and receive nothing more, a closed
+/// channel's messages would stay checked out to it forever, and messages
+/// already dead-lettered would stay in their queue until a retry
+/// dead-letters them once more. All of them are idempotent (settling what
+/// the owner no longer holds does nothing). Publishes are not retried
+/// (their publisher got a nack), nor is a node reported gone (by then the
+/// node may well be back).
 fn retry_later(handle: &QueueHandle, ops: Vec<QueueOp>) {
     let must: Vec<Request> = ops
         .into_iter()
@@ -258,7 +268,8 @@ fn retry_later(handle: &QueueHandle, ops: Vec<QueueOp>) {
                 | Command::Settle { .. }
                 | Command::Return { .. }
                 | Command::Discard { .. }
-                | Command::Cancel { .. }),
+                | Command::Cancel { .. }
+                | Command::DeadLettered { .. }),
             ) => Some(Request::Apply(cmd, None)),
             _ => None,
         })

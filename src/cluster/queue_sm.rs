@@ -11,8 +11,11 @@
 //! proposed in its own term. Entries of an earlier term were the previous
 //! leader's to carry out; when a node starts applying entries of its own
 //! term it sends every unsettled delivery once more, marked redelivered,
-//! because the previous leader may have died before they left it.
+//! because the previous leader may have died before they left it, and
+//! dead-letters again every message still being dead-lettered at least
+//! once ([`super::dead_letter`]).
 
+use super::dead_letter::DeadLetterer;
 use super::wire::{OpReply, QueueOp, decode, encode};
 use crate::node::{Handover, Node};
 use crate::queue::command::{Command, Effect, OwnerId};
@@ -41,6 +44,11 @@ pub struct QueueSm {
     deadline: watch::Sender<Option<u64>>,
     /// Whether the last applied entry was applied as the leader.
     leading: bool,
+    /// Dead-lettering at least once: the leader's tasks and retries.
+    dead_letterer: DeadLetterer,
+    /// Dead letters (at least once) that the entry being applied produced,
+    /// handed to `dead_letterer` once the whole entry is applied.
+    fresh_dead_letters: Vec<Effect>,
 }
 
 impl QueueSm {
@@ -61,6 +69,8 @@ impl QueueSm {
         QueueSm {
             node: Arc::downgrade(node),
             state: QueueState::new((*config).clone(), 0),
+            dead_letterer: DeadLetterer::new(vhost.clone(), name.clone(), config.clone()),
+            fresh_dead_letters: Vec::new(),
             vhost,
             name,
             config,
@@ -75,8 +85,12 @@ impl QueueSm {
         match op {
             QueueOp::Cmd(cmd) => {
                 self.exclusive.observe(&cmd);
-                if matches!(cmd, Command::Enqueue { .. }) {
-                    self.stats.published.fetch_add(1, Ordering::Relaxed);
+                match &cmd {
+                    Command::Enqueue { .. } => {
+                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Command::DeadLettered { ids } => self.dead_letterer.settled(ids),
+                    _ => {}
                 }
                 let fx = self.state.apply(cmd);
                 OpReply::Effects(self.carry_out(fx, node))
@@ -179,7 +193,20 @@ impl QueueSm {
                         }
                     }
                 }
-                Effect::DeadLetter { msg, reason } => {
+                // At least once: carried out (in tasks) once the whole entry
+                // is applied.
+                e @ Effect::DeadLetter {
+                    settle: Some(_), ..
+                } => {
+                    if node.is_some() {
+                        self.fresh_dead_letters.push(e);
+                    }
+                }
+                Effect::DeadLetter {
+                    msg,
+                    reason,
+                    settle: None,
+                } => {
                     if let Some(node) = node {
                         node.dead_letter(&self.vhost, &self.name, &self.config, msg, reason);
                     }
@@ -249,6 +276,7 @@ impl QueueSm {
         s.unacked.store(c.unacked, Ordering::Relaxed);
         s.consumers.store(c.consumers, Ordering::Relaxed);
         s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
+        s.dead_lettering.store(c.dead_lettering, Ordering::Relaxed);
     }
 }
 
@@ -261,12 +289,16 @@ impl warren_raft::StateMachine for QueueSm {
         let node = if leader { self.node.upgrade() } else { None };
         if leader && !self.leading {
             // First entry of this node's own term: everything before it has
-            // been applied, so the unsettled deliveries are all known.
+            // been applied, so the unsettled deliveries and the pending dead
+            // letters are all known.
             if let Some(node) = &node {
                 let fx = self.state.checked_out();
                 self.carry_out(fx, Some(node));
                 self.release_unreachable_owners(node);
+                self.dead_letterer.take_over(node, &self.state);
             }
+        } else if !leader && self.leading {
+            self.dead_letterer.step_down();
         }
         self.leading = leader;
         let replies: Vec<OpReply> = ops
@@ -274,10 +306,19 @@ impl warren_raft::StateMachine for QueueSm {
             .map(|op| self.apply_op(op, node.as_ref()))
             .collect();
         self.publish_stats();
-        let next = if leader {
-            self.state.next_deadline()
-        } else {
-            None
+        let next = match &node {
+            Some(node) => {
+                let fresh = std::mem::take(&mut self.fresh_dead_letters);
+                self.dead_letterer.send(node, fresh);
+                // A retry of pending dead letters is due like a TTL: the
+                // ticker proposes a Tick then, whose apply lands here.
+                let retry = self.dead_letterer.retry_when_due(node, &self.state);
+                match (self.state.next_deadline(), retry) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            None => None,
         };
         self.deadline.send_if_modified(|d| {
             let changed = *d != next;
@@ -305,6 +346,7 @@ impl warren_raft::StateMachine for QueueSm {
     fn leader_changed(&mut self, is_leader: bool) {
         if !is_leader {
             self.leading = false;
+            self.dead_letterer.step_down();
             self.deadline.send_replace(None);
             return;
         }

@@ -18,6 +18,15 @@ pub type OwnerId = u64;
 /// strictly increasing. The channel maps its delivery tags to these.
 pub type MsgId = u64;
 
+/// The owner named in the confirms a queue's shell asks for on its own
+/// behalf rather than a channel's: a quorum queue dead-lettering at least
+/// once enqueues into the target queues with it and reads the confirms from
+/// the replies. No channel has this id (a channel's id carries its node's
+/// id, at least 1, in the top bits). An enqueue confirmed to it is not
+/// remembered as a publisher's last sequence number: its sender numbers
+/// enqueues its own way and accepts duplicates.
+pub const SHELL_OWNER: OwnerId = 0;
+
 /// Names a publisher-confirm to send once the queue has accepted (or refused)
 /// an enqueue: the channel and the publish sequence number on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -102,6 +111,13 @@ pub enum Command {
     /// Time passed: expire messages whose TTL ran out and the queue itself
     /// if `x-expires` ran out.
     Tick { now_ms: u64 },
+    /// Messages being dead-lettered at least once have reached every queue
+    /// the dead-letter exchange routed them to: they leave the queue. Ids
+    /// no longer being dead-lettered are ignored.
+    ///
+    /// (Variants are only ever appended, so that logs written before a
+    /// variant existed still decode.)
+    DeadLettered { ids: Vec<MsgId> },
 }
 
 /// Why a message is dead-lettered; written into `x-death` as RabbitMQ names it.
@@ -160,6 +176,11 @@ pub enum Effect {
     DeadLetter {
         msg: Message,
         reason: DeadLetterReason,
+        /// Dead-lettering at least once: the message stays in the queue
+        /// under this id until the shell reports, with
+        /// [`Command::DeadLettered`], that every target queue accepted it.
+        /// None: publish and forget.
+        settle: Option<MsgId>,
     },
     /// Answer to [`Command::Purge`].
     Purged { count: u64 },
@@ -178,4 +199,7 @@ pub struct QueueCounts {
     pub ready_bytes: u64,
     /// Registered consumers.
     pub consumers: u64,
+    /// Messages being dead-lettered at least once, not yet accepted by
+    /// every target queue (RabbitMQ's `messages_dlx`).
+    pub dead_lettering: u64,
 }

@@ -22,6 +22,18 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// `x-dead-letter-strategy`: what a quorum queue promises about the messages
+/// it dead-letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterStrategy {
+    /// Republish to the dead-letter exchange and forget (the default): a
+    /// message whose republish fails, or routes nowhere, is gone.
+    AtMostOnce,
+    /// Keep the message in the queue, out of the consumers' reach, until
+    /// every queue the dead-letter exchange routes it to has accepted it.
+    AtLeastOnce,
+}
+
 /// Everything about a queue that its declare arguments decide. Part of the
 /// replicated state of a quorum queue, hence serialisable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +63,9 @@ pub struct QueueConfig {
     /// message has the same priority) and always for a quorum queue, whose
     /// two fixed priorities need no declaration.
     pub max_priority: Option<u8>,
+    /// `x-dead-letter-strategy` as declared; see
+    /// [`QueueConfig::dead_letters_at_least_once`] for when it applies.
+    pub dead_letter_strategy: DeadLetterStrategy,
 }
 
 /// Largest TTL or expiry RabbitMQ accepts (its timers are 32-bit).
@@ -151,6 +166,19 @@ impl QueueConfig {
         // Validated for compatibility, not acted on: group size is the
         // cluster layer's business.
         int_arg(args, "x-quorum-initial-group-size", 1, u64::MAX)?;
+        // Checked on every queue type, so that a typo is caught wherever it
+        // is made, though only quorum queues act on it (a classic queue
+        // accepts it and ignores it, as RabbitMQ's do).
+        let dead_letter_strategy = match string_arg(args, "x-dead-letter-strategy")?.as_deref() {
+            None | Some("at-most-once") => DeadLetterStrategy::AtMostOnce,
+            Some("at-least-once") => DeadLetterStrategy::AtLeastOnce,
+            Some(other) => {
+                return Err(format!(
+                    "invalid arg 'x-dead-letter-strategy': expected at-most-once \
+                         or at-least-once, got '{other}'"
+                ));
+            }
+        };
 
         Ok(QueueConfig {
             quorum,
@@ -164,7 +192,38 @@ impl QueueConfig {
             delivery_limit,
             single_active_consumer,
             max_priority,
+            dead_letter_strategy,
         })
+    }
+
+    /// Whether the queue dead-letters at least once. As in RabbitMQ, that
+    /// takes a quorum queue declared `at-least-once` with a dead-letter
+    /// exchange and `x-overflow: reject-publish`: the messages being
+    /// dead-lettered stay in the queue and count toward its length limit,
+    /// so refusing publishes is what bounds them. Any other queue
+    /// dead-letters at most once.
+    pub fn dead_letters_at_least_once(&self) -> bool {
+        self.quorum
+            && self.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+            && self.dead_letter_exchange.is_some()
+            && self.overflow == Overflow::RejectPublish
+    }
+
+    /// Why a quorum queue declared `at-least-once` dead-letters at most
+    /// once after all, for the warning at declare (RabbitMQ accepts such a
+    /// queue and logs one too); None when nothing was asked for or it
+    /// applies.
+    pub fn at_least_once_fallback(&self) -> Option<&'static str> {
+        if !self.quorum || self.dead_letter_strategy != DeadLetterStrategy::AtLeastOnce {
+            return None;
+        }
+        if self.dead_letter_exchange.is_none() {
+            Some("it has no x-dead-letter-exchange")
+        } else if self.overflow != Overflow::RejectPublish {
+            Some("its x-overflow is not reject-publish")
+        } else {
+            None
+        }
     }
 
     /// RabbitMQ's default for tests and node-local queues: nothing set,
@@ -182,6 +241,7 @@ impl QueueConfig {
             delivery_limit: None,
             single_active_consumer: false,
             max_priority: None,
+            dead_letter_strategy: DeadLetterStrategy::AtMostOnce,
         }
     }
 }
@@ -328,6 +388,8 @@ mod tests {
             ("x-max-priority", long("high")),
             ("x-quorum-initial-group-size", AMQPValue::LongInt(0)),
             ("x-dead-letter-exchange", AMQPValue::LongInt(0)),
+            ("x-dead-letter-strategy", long("exactly-once")),
+            ("x-dead-letter-strategy", AMQPValue::LongInt(1)),
         ];
         for (key, value) in cases {
             let e = durable(&[(key, value.clone())]).unwrap_err();
@@ -420,6 +482,73 @@ mod tests {
         let c = durable(&[("x-max-priority", AMQPValue::ShortShortUInt(10))]).unwrap();
         assert!(c.quorum);
         assert_eq!(c.max_priority, None);
+    }
+
+    /// A quorum queue with a dead-letter exchange and the given strategy
+    /// and overflow.
+    fn dead_lettering(strategy: &str, overflow: &str) -> QueueConfig {
+        durable(&[
+            ("x-dead-letter-exchange", long("dlx")),
+            ("x-dead-letter-strategy", long(strategy)),
+            ("x-overflow", long(overflow)),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn at_least_once_applies_to_quorum_queues_with_reject_publish_and_a_dlx() {
+        let c = dead_lettering("at-least-once", "reject-publish");
+        assert_eq!(c.dead_letter_strategy, DeadLetterStrategy::AtLeastOnce);
+        assert!(c.dead_letters_at_least_once());
+        assert_eq!(c.at_least_once_fallback(), None);
+        let c = dead_lettering("at-most-once", "reject-publish");
+        assert_eq!(c.dead_letter_strategy, DeadLetterStrategy::AtMostOnce);
+        assert!(!c.dead_letters_at_least_once());
+        assert_eq!(c.at_least_once_fallback(), None);
+    }
+
+    #[test]
+    fn at_least_once_falls_back_to_at_most_once_without_its_requirements() {
+        // Accepted, as RabbitMQ does, with a reason for the warning.
+        for overflow in ["drop-head", "reject-publish-dlx"] {
+            let c = dead_lettering("at-least-once", overflow);
+            assert!(!c.dead_letters_at_least_once(), "{overflow}");
+            assert!(c.at_least_once_fallback().unwrap().contains("x-overflow"));
+        }
+        let c = durable(&[
+            ("x-dead-letter-strategy", long("at-least-once")),
+            ("x-overflow", long("reject-publish")),
+        ])
+        .unwrap();
+        assert!(!c.dead_letters_at_least_once());
+        assert!(
+            c.at_least_once_fallback()
+                .unwrap()
+                .contains("x-dead-letter-exchange")
+        );
+    }
+
+    #[test]
+    fn a_classic_queue_accepts_and_ignores_at_least_once() {
+        let t = table(&[
+            ("x-dead-letter-exchange", long("dlx")),
+            ("x-dead-letter-strategy", long("at-least-once")),
+            ("x-overflow", long("reject-publish")),
+        ]);
+        let c = QueueConfig::from_arguments(false, false, false, &t).unwrap();
+        assert!(!c.quorum);
+        assert!(!c.dead_letters_at_least_once());
+        assert_eq!(c.at_least_once_fallback(), None);
+    }
+
+    #[test]
+    fn an_unknown_dead_letter_strategy_is_refused_naming_the_value() {
+        let e = durable(&[("x-dead-letter-strategy", long("exactly-once"))]).unwrap_err();
+        assert_eq!(
+            e,
+            "invalid arg 'x-dead-letter-strategy': expected at-most-once or at-least-once, \
+             got 'exactly-once'"
+        );
     }
 
     #[test]

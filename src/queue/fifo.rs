@@ -23,6 +23,18 @@
 //! - message TTL is enforced at the head of each priority level only, so
 //!   expiry never needs a scan of the whole queue.
 //!
+//! Dead-lettering at least once (`x-dead-letter-strategy`, see
+//! [`QueueConfig::dead_letters_at_least_once`]): a message dead-lettered
+//! out of the queue (rejected, expired, over the delivery limit) is moved
+//! aside under its id, neither ready nor delivered, and stays there until
+//! the shell reports with [`Command::DeadLettered`] that the queues the
+//! dead-letter exchange routes it to all accepted it.
+//! [`QueueState::pending_dead_letters`] hands them out again, for a new
+//! leader and for retries. As in RabbitMQ they count toward `x-max-length`
+//! and `x-max-length-bytes`: such a queue refuses publishes (it must be
+//! `reject-publish`) rather than hold more messages than its limits while
+//! its dead letters find no home.
+//!
 //! Bounds: the number of ready messages is limited only by `x-max-length`
 //! and `x-max-length-bytes` (memory limits are the broker's business). Each
 //! command does work proportional to the messages it moves plus the number
@@ -33,6 +45,7 @@
 
 use super::command::{
     Command, ConfirmRef, ConsumerSpec, DeadLetterReason, Effect, MsgId, OwnerId, QueueCounts,
+    SHELL_OWNER,
 };
 use super::config::{Overflow, QueueConfig};
 use crate::message::Message;
@@ -85,6 +98,13 @@ impl Stored {
     fn key(&self, id: MsgId) -> ReadyKey {
         (Reverse(self.level), id)
     }
+}
+
+/// A message being dead-lettered at least once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct DeadLettering {
+    msg: Message,
+    reason: DeadLetterReason,
 }
 
 /// A message delivered and not yet settled.
@@ -157,6 +177,12 @@ pub struct QueueState {
     /// connection dropped, and is confirmed without being added twice.
     /// Bounded; the oldest channels (smallest ids) are forgotten first.
     publishers: BTreeMap<OwnerId, u64>,
+    /// Messages being dead-lettered at least once, by id: out of the
+    /// queue's flow until [`Command::DeadLettered`] names them. Always
+    /// empty unless the config asks for at-least-once.
+    dead_lettering: BTreeMap<MsgId, DeadLettering>,
+    /// Sum of the body sizes in `dead_lettering`.
+    dead_lettering_bytes: u64,
 }
 
 /// Publishing channels whose last sequence number a queue remembers.
@@ -182,6 +208,8 @@ impl QueueState {
             last_used_ms: now_ms,
             expired: false,
             publishers: BTreeMap::new(),
+            dead_lettering: BTreeMap::new(),
+            dead_lettering_bytes: 0,
         }
     }
 
@@ -246,7 +274,12 @@ impl QueueState {
                 self.advance(now_ms);
                 for id in ids {
                     if let Some(u) = self.take_unacked(owner, id) {
-                        self.dead_letter(u.stored.msg, DeadLetterReason::Rejected, &mut fx);
+                        self.dead_letter(
+                            Some(id),
+                            u.stored.msg,
+                            DeadLetterReason::Rejected,
+                            &mut fx,
+                        );
                     }
                 }
             }
@@ -260,9 +293,13 @@ impl QueueState {
                 self.get(owner, no_ack, &mut fx);
             }
             Command::Purge => {
+                // Messages being dead-lettered go too, as in RabbitMQ; the
+                // count is of ready messages only, as there.
                 let count = self.ready.len() as u64;
                 self.ready.clear();
                 self.ready_bytes = 0;
+                self.dead_lettering.clear();
+                self.dead_lettering_bytes = 0;
                 fx.push(Effect::Purged { count });
             }
             Command::OwnerDown { owner, now_ms } => {
@@ -278,6 +315,15 @@ impl QueueState {
                 self.expire_heads(&mut fx);
                 self.check_queue_expiry(&mut fx);
             }
+            Command::DeadLettered { ids } => {
+                for id in ids {
+                    if let Some(d) = self.dead_lettering.remove(&id) {
+                        debug_assert!(self.dead_lettering_bytes >= d.msg.body_len());
+                        self.dead_lettering_bytes =
+                            self.dead_lettering_bytes.saturating_sub(d.msg.body_len());
+                    }
+                }
+            }
         }
         self.deliver(None, &mut fx);
         self.assert_invariants();
@@ -292,6 +338,7 @@ impl QueueState {
             unacked: self.unacked.len() as u64,
             ready_bytes: self.ready_bytes,
             consumers: self.consumers.len() as u64,
+            dead_lettering: self.dead_lettering.len() as u64,
         }
     }
 
@@ -354,6 +401,33 @@ impl QueueState {
             .collect()
     }
 
+    /// Every message being dead-lettered at least once, as the effects that
+    /// dead-letter it, in id order: a new leader of a replicated queue
+    /// carries them out again, because the previous leader may have died
+    /// before the target queues had them.
+    pub fn pending_dead_letters(&self) -> Vec<Effect> {
+        self.pending_dead_letters_where(|_| true)
+    }
+
+    /// [`QueueState::pending_dead_letters`] for the ids `which` selects:
+    /// what the shell tries again, leaving out those it has under way.
+    pub fn pending_dead_letters_where(&self, which: impl Fn(MsgId) -> bool) -> Vec<Effect> {
+        self.dead_lettering
+            .iter()
+            .filter(|(id, _)| which(**id))
+            .map(|(&id, d)| Effect::DeadLetter {
+                msg: d.msg.clone(),
+                reason: d.reason,
+                settle: Some(id),
+            })
+            .collect()
+    }
+
+    /// Whether message `id` is being dead-lettered at least once.
+    pub fn is_dead_lettering(&self, id: MsgId) -> bool {
+        self.dead_lettering.contains_key(&id)
+    }
+
     /// Every owner that has a consumer or an unsettled message here.
     pub fn owners(&self) -> Vec<OwnerId> {
         let mut v: Vec<OwnerId> = self
@@ -391,7 +465,10 @@ impl QueueState {
     }
 
     fn enqueue(&mut self, msg: Message, confirm: Option<ConfirmRef>, fx: &mut Vec<Effect>) {
-        if let Some(c) = confirm {
+        // The shell's own enqueues (see SHELL_OWNER) are never taken for
+        // copies: their sequence numbers are not a publisher's.
+        let publisher = confirm.filter(|c| c.owner != SHELL_OWNER);
+        if let Some(c) = publisher {
             if self
                 .publishers
                 .get(&c.owner)
@@ -413,7 +490,9 @@ impl QueueState {
                 }
                 Overflow::RejectPublishDlx => {
                     confirm_effect(confirm, false, fx);
-                    self.dead_letter(msg, DeadLetterReason::MaxLen, fx);
+                    // Never enqueued, so it has no id to be kept under
+                    // (at-least-once needs reject-publish anyway).
+                    self.dead_letter(None, msg, DeadLetterReason::MaxLen, fx);
                     return;
                 }
             }
@@ -432,7 +511,7 @@ impl QueueState {
             redelivered: false,
         };
         self.insert_ready(id, stored);
-        if let Some(c) = confirm {
+        if let Some(c) = publisher {
             self.publishers.insert(c.owner, c.seq);
             if self.publishers.len() > MAX_REMEMBERED_PUBLISHERS {
                 self.publishers.pop_first();
@@ -460,14 +539,16 @@ impl QueueState {
         }
     }
 
-    /// Whether one more ready message would exceed a length limit.
+    /// Whether one more ready message would exceed a length limit. Messages
+    /// being dead-lettered count, as in RabbitMQ (see the module comment).
     fn would_overflow(&self, msg: &Message) -> bool {
-        let len = self.ready.len() as u64;
+        let len = (self.ready.len() + self.dead_lettering.len()) as u64;
+        let bytes = self.ready_bytes + self.dead_lettering_bytes;
         let over_count = self.config.max_length.is_some_and(|m| len + 1 > m);
         let over_bytes = self
             .config
             .max_length_bytes
-            .is_some_and(|m| self.ready_bytes.saturating_add(msg.body_len()) > m);
+            .is_some_and(|m| bytes.saturating_add(msg.body_len()) > m);
         over_count || over_bytes
     }
 
@@ -487,10 +568,10 @@ impl QueueState {
                 break;
             }
             // The head is the message that would be delivered next.
-            let Some((_, stored)) = self.take_next_ready() else {
+            let Some((key, stored)) = self.take_next_ready() else {
                 break;
             };
-            self.dead_letter(stored.msg, DeadLetterReason::MaxLen, fx);
+            self.dead_letter(Some(key.1), stored.msg, DeadLetterReason::MaxLen, fx);
         }
         debug_assert!(
             self.config
@@ -562,7 +643,7 @@ impl QueueState {
             .delivery_limit
             .is_some_and(|limit| stored.delivery_count > limit)
         {
-            self.dead_letter(stored.msg, DeadLetterReason::DeliveryLimit, fx);
+            self.dead_letter(Some(id), stored.msg, DeadLetterReason::DeliveryLimit, fx);
             return;
         }
         stored.redelivered = true;
@@ -647,7 +728,7 @@ impl QueueState {
         loop {
             let (key, stored) = self.take_next_ready()?;
             if stored.is_expired(self.clock_ms) && fresh != Some(key.1) {
-                self.dead_letter(stored.msg, DeadLetterReason::Expired, fx);
+                self.dead_letter(Some(key.1), stored.msg, DeadLetterReason::Expired, fx);
                 continue;
             }
             return Some((key.1, stored));
@@ -697,7 +778,7 @@ impl QueueState {
         while let Some((&key, stored)) = self.ready.range((from, Bound::Unbounded)).next() {
             if stored.is_expired(now) {
                 if let Some(stored) = self.remove_ready(key) {
-                    self.dead_letter(stored.msg, DeadLetterReason::Expired, fx);
+                    self.dead_letter(Some(key.1), stored.msg, DeadLetterReason::Expired, fx);
                 }
                 // The next message of the same level is now its head.
                 from = Bound::Excluded(key);
@@ -723,10 +804,43 @@ impl QueueState {
         }
     }
 
-    fn dead_letter(&self, msg: Message, reason: DeadLetterReason, fx: &mut Vec<Effect>) {
-        // Without a dead-letter exchange the message is simply dropped.
-        if self.config.dead_letter_exchange.is_some() {
-            fx.push(Effect::DeadLetter { msg, reason });
+    /// Hands a message that leaves the queue to its dead-letter exchange.
+    /// `id` is its id if it was in the queue: dead-lettering at least once,
+    /// it is kept under that id until [`Command::DeadLettered`].
+    fn dead_letter(
+        &mut self,
+        id: Option<MsgId>,
+        msg: Message,
+        reason: DeadLetterReason,
+        fx: &mut Vec<Effect>,
+    ) {
+        match id {
+            Some(id) if self.config.dead_letters_at_least_once() => {
+                debug_assert!(id < self.next_id);
+                self.dead_lettering_bytes += msg.body_len();
+                let previous = self.dead_lettering.insert(
+                    id,
+                    DeadLettering {
+                        msg: msg.clone(),
+                        reason,
+                    },
+                );
+                debug_assert!(previous.is_none());
+                fx.push(Effect::DeadLetter {
+                    msg,
+                    reason,
+                    settle: Some(id),
+                });
+            }
+            // Without a dead-letter exchange the message is simply dropped.
+            _ if self.config.dead_letter_exchange.is_some() => {
+                fx.push(Effect::DeadLetter {
+                    msg,
+                    reason,
+                    settle: None,
+                });
+            }
+            _ => {}
         }
     }
 
@@ -838,6 +952,8 @@ impl QueueState {
         );
         debug_assert!(self.priority_turn <= QUORUM_HIGH_WEIGHT);
         debug_assert!(self.config.quorum || self.priority_turn == 0);
+        debug_assert!(!self.dead_lettering.is_empty() || self.dead_lettering_bytes == 0);
+        debug_assert!(self.config.dead_letters_at_least_once() || self.dead_lettering.is_empty());
         #[cfg(test)]
         self.assert_all_invariants();
     }
@@ -874,6 +990,19 @@ impl QueueState {
         }
         let indexed: usize = self.consumer_index.values().map(BTreeMap::len).sum();
         assert_eq!(indexed, self.consumers.len());
+        let bytes: u64 = self.dead_lettering.values().map(|d| d.msg.body_len()).sum();
+        assert_eq!(bytes, self.dead_lettering_bytes, "dead_lettering_bytes");
+        for &id in self.dead_lettering.keys() {
+            assert!(id >= 1 && id < self.next_id);
+            assert!(
+                !self.unacked.contains_key(&id),
+                "{id} unacked and dead-lettering"
+            );
+            assert!(
+                !self.ready.keys().any(|k| k.1 == id),
+                "{id} ready and dead-lettering"
+            );
+        }
     }
 }
 
@@ -892,7 +1021,7 @@ fn confirm_effect(confirm: Option<ConfirmRef>, accepted: bool, fx: &mut Vec<Effe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::config::Overflow;
+    use crate::queue::config::{DeadLetterStrategy, Overflow};
     use bytes::Bytes;
 
     const T0: u64 = 1_000;
@@ -1068,7 +1197,7 @@ mod tests {
     fn dead_letters(fx: &[Effect]) -> Vec<(String, DeadLetterReason)> {
         fx.iter()
             .filter_map(|e| match e {
-                Effect::DeadLetter { msg, reason } => Some((body(msg), *reason)),
+                Effect::DeadLetter { msg, reason, .. } => Some((body(msg), *reason)),
                 _ => None,
             })
             .collect()
@@ -1734,7 +1863,8 @@ mod tests {
             [
                 Effect::DeadLetter {
                     msg: msg_expiring("dead", 10),
-                    reason: DeadLetterReason::Expired
+                    reason: DeadLetterReason::Expired,
+                    settle: None,
                 },
                 Effect::GetEmpty { owner: 1 }
             ]
@@ -1908,6 +2038,32 @@ mod tests {
     }
 
     #[test]
+    fn the_shells_own_enqueues_are_never_taken_for_copies() {
+        let mut q = classic();
+        let shell = |q: &mut QueueState, body: &str| {
+            q.apply(Command::Enqueue {
+                msg: msg(body),
+                confirm: Some(ConfirmRef {
+                    owner: SHELL_OWNER,
+                    seq: 1,
+                }),
+                now_ms: T0,
+            })
+        };
+        let accepted = Effect::Confirm {
+            confirm: ConfirmRef {
+                owner: SHELL_OWNER,
+                seq: 1,
+            },
+            accepted: true,
+        };
+        assert_eq!(shell(&mut q, "a"), vec![accepted.clone()]);
+        assert_eq!(shell(&mut q, "b"), vec![accepted]);
+        assert_eq!(q.counts().ready, 2);
+        assert!(q.publishers.is_empty());
+    }
+
+    #[test]
     fn drop_head_makes_room_by_dead_lettering_the_oldest() {
         let mut q = limited(Some(2), None, Overflow::DropHead);
         confirmed(&mut q, "a", 1);
@@ -1919,7 +2075,8 @@ mod tests {
                 confirm(3, true),
                 Effect::DeadLetter {
                     msg: msg("a"),
-                    reason: DeadLetterReason::MaxLen
+                    reason: DeadLetterReason::MaxLen,
+                    settle: None,
                 }
             ]
         );
@@ -1971,7 +2128,8 @@ mod tests {
                 confirm(1, false),
                 Effect::DeadLetter {
                     msg: msg("big"),
-                    reason: DeadLetterReason::MaxLen
+                    reason: DeadLetterReason::MaxLen,
+                    settle: None,
                 }
             ]
         );
@@ -1999,13 +2157,184 @@ mod tests {
         assert_eq!(counts_of(&q), counts(0, 1, 0));
         assert_eq!(q.counts().ready_bytes, 0);
     }
+
+    // --- dead-lettering at least once ---------------------------------------
+
+    /// A quorum queue that dead-letters at least once: a dead-letter
+    /// exchange, reject-publish, and the given length limit.
+    fn at_least_once(max_length: Option<u64>) -> QueueState {
+        let config = QueueConfig {
+            quorum: true,
+            max_length,
+            overflow: Overflow::RejectPublish,
+            dead_letter_strategy: DeadLetterStrategy::AtLeastOnce,
+            ..with_dlx(QueueConfig::classic())
+        };
+        assert!(config.dead_letters_at_least_once());
+        QueueState::new(config, T0)
+    }
+
+    fn discard(q: &mut QueueState, owner: OwnerId, ids: &[MsgId]) -> Vec<Effect> {
+        q.apply(Command::Discard {
+            owner,
+            ids: ids.to_vec(),
+            now_ms: T0,
+        })
+    }
+
+    fn dead_lettered(q: &mut QueueState, ids: &[MsgId]) -> Vec<Effect> {
+        q.apply(Command::DeadLettered { ids: ids.to_vec() })
+    }
+
+    fn pending(q: &QueueState) -> Vec<(MsgId, String, DeadLetterReason)> {
+        q.pending_dead_letters()
+            .iter()
+            .filter_map(|e| match e {
+                Effect::DeadLetter {
+                    msg,
+                    reason,
+                    settle: Some(id),
+                } => Some((*id, body(msg), *reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn at_least_once_keeps_a_rejected_message_until_it_is_dead_lettered() {
+        let mut q = at_least_once(None);
+        enqueue(&mut q, msg("a"));
+        enqueue(&mut q, msg("b"));
+        get(&mut q, 7, false);
+        let fx = discard(&mut q, 7, &[1]);
+        assert_eq!(
+            fx,
+            [Effect::DeadLetter {
+                msg: msg("a"),
+                reason: DeadLetterReason::Rejected,
+                settle: Some(1),
+            }]
+        );
+        // Neither ready nor unacked, and never delivered again.
+        assert_eq!(counts_of(&q), counts(1, 0, 0));
+        assert_eq!(q.counts().dead_lettering, 1);
+        assert_eq!(bodies(&consume(&mut q, spec(1, "c", 0))), ["b"]);
+        // Until the shell reports it done, it is handed out again.
+        assert_eq!(
+            pending(&q),
+            [(1, "a".to_string(), DeadLetterReason::Rejected)]
+        );
+        assert_eq!(q.pending_dead_letters(), fx);
+        assert!(q.pending_dead_letters_where(|id| id != 1).is_empty());
+        assert!(dead_lettered(&mut q, &[1]).is_empty());
+        assert_eq!(q.counts().dead_lettering, 0);
+        assert!(pending(&q).is_empty());
+        // A report repeated, or for an id never being dead-lettered, changes
+        // nothing.
+        assert!(dead_lettered(&mut q, &[1, 2, 99]).is_empty());
+        assert_eq!(counts_of(&q), counts(0, 1, 1));
+    }
+
+    #[test]
+    fn at_least_once_keeps_expired_and_over_the_limit_messages_too() {
+        let mut q = at_least_once(None);
+        q.config.message_ttl_ms = Some(10);
+        q.config.delivery_limit = Some(0);
+        enqueue(&mut q, msg("old"));
+        enqueue_at(&mut q, msg("young"), T0 + 5);
+        let fx = get(&mut q, 7, false);
+        assert_eq!(bodies(&fx), ["old"]);
+        // Returned once with a limit of 0: dead-lettered.
+        let fx = ret(&mut q, 7, &[1]);
+        assert_eq!(
+            fx,
+            [Effect::DeadLetter {
+                msg: msg("old"),
+                reason: DeadLetterReason::DeliveryLimit,
+                settle: Some(1),
+            }]
+        );
+        tick(&mut q, T0 + 20);
+        assert_eq!(
+            pending(&q),
+            [
+                (1, "old".to_string(), DeadLetterReason::DeliveryLimit),
+                (2, "young".to_string(), DeadLetterReason::Expired),
+            ]
+        );
+        assert_eq!(counts_of(&q), counts(0, 0, 0));
+        dead_lettered(&mut q, &[2, 1]);
+        assert!(pending(&q).is_empty());
+    }
+
+    #[test]
+    fn messages_being_dead_lettered_count_toward_the_length_limits() {
+        let mut q = at_least_once(Some(2));
+        assert_eq!(confirmed(&mut q, "a", 1), [confirm(1, true)]);
+        assert_eq!(confirmed(&mut q, "b", 2), [confirm(2, true)]);
+        get(&mut q, 7, false);
+        discard(&mut q, 7, &[1]);
+        // One ready, one being dead-lettered: full.
+        assert_eq!(confirmed(&mut q, "c", 3), [confirm(3, false)]);
+        dead_lettered(&mut q, &[1]);
+        assert_eq!(confirmed(&mut q, "d", 4), [confirm(4, true)]);
+        let mut bytes = at_least_once(None);
+        bytes.config.max_length_bytes = Some(2);
+        enqueue(&mut bytes, msg("aa"));
+        get(&mut bytes, 7, false);
+        discard(&mut bytes, 7, &[1]);
+        assert!(enqueue(&mut bytes, msg("b")).is_empty(), "refused");
+        assert_eq!(bytes.counts().ready, 0);
+    }
+
+    #[test]
+    fn at_least_once_without_reject_publish_dead_letters_at_most_once() {
+        let mut q = at_least_once(None);
+        q.config.overflow = Overflow::DropHead;
+        enqueue(&mut q, msg("a"));
+        get(&mut q, 7, false);
+        assert_eq!(
+            discard(&mut q, 7, &[1]),
+            [Effect::DeadLetter {
+                msg: msg("a"),
+                reason: DeadLetterReason::Rejected,
+                settle: None,
+            }]
+        );
+        assert_eq!(q.counts().dead_lettering, 0);
+        assert!(q.pending_dead_letters().is_empty());
+    }
+
+    #[test]
+    fn purge_drops_messages_being_dead_lettered_too() {
+        let mut q = at_least_once(None);
+        enqueue(&mut q, msg("a"));
+        enqueue(&mut q, msg("b"));
+        get(&mut q, 7, false);
+        discard(&mut q, 7, &[1]);
+        assert_eq!(q.apply(Command::Purge), [Effect::Purged { count: 1 }]);
+        assert_eq!(q.counts().dead_lettering, 0);
+        assert!(q.pending_dead_letters().is_empty());
+    }
+
+    #[test]
+    fn messages_being_dead_lettered_are_part_of_the_snapshot() {
+        let mut q = at_least_once(None);
+        enqueue(&mut q, msg("a"));
+        get(&mut q, 7, false);
+        discard(&mut q, 7, &[1]);
+        let back: QueueState = crate::cluster::wire::decode(&crate::cluster::wire::encode(&q))
+            .expect("snapshot decodes");
+        assert_eq!(back, q);
+        assert_eq!(pending(&back).len(), 1);
+    }
 }
 
 /// Property tests: random command histories, as a Raft log might carry them.
 #[cfg(test)]
 mod properties {
     use super::*;
-    use crate::queue::config::Overflow;
+    use crate::queue::config::{DeadLetterStrategy, Overflow};
     use bytes::Bytes;
     use proptest::collection::vec;
     use proptest::option;
@@ -2014,6 +2343,8 @@ mod properties {
 
     const T0: u64 = 1_000;
     const OWNERS: u64 = 3;
+    /// The channel that publishes with confirms (consumers are 1..=OWNERS).
+    const PUBLISHER: OwnerId = 9;
 
     /// One step of a history, before it is turned into a [`Command`] (ids
     /// are picked from what the queue holds at that point, so that settles
@@ -2061,6 +2392,11 @@ mod properties {
         Purge,
         OwnerDown {
             owner: OwnerId,
+        },
+        /// The shell reports dead letters delivered: mostly messages being
+        /// dead-lettered, some that are not.
+        DeadLettered {
+            picks: Vec<usize>,
         },
         Touch,
         Tick {
@@ -2114,6 +2450,7 @@ mod properties {
             1 => (owner(), any::<bool>()).prop_map(|(owner, no_ack)| Op::Get { owner, no_ack }),
             1 => Just(Op::Purge),
             1 => owner().prop_map(|owner| Op::OwnerDown { owner }),
+            2 => picks().prop_map(|picks| Op::DeadLettered { picks }),
             1 => Just(Op::Touch),
             2 => (0u64..40).prop_map(|advance| Op::Tick { advance }),
             1 => (0u64..20).prop_map(|back| Op::Skew { back }),
@@ -2142,6 +2479,7 @@ mod properties {
             option::weighted(0.4, 0u32..3),
             proptest::bool::weighted(0.2),
             option::weighted(0.5, 0u8..6),
+            (any::<bool>(), proptest::bool::weighted(0.3)),
         )
             .prop_map(
                 move |(
@@ -2155,20 +2493,35 @@ mod properties {
                     limit,
                     sac,
                     max_prio,
+                    (strategy, forced),
                 )| {
+                    // Asked for at random, at-least-once mostly falls back to
+                    // at-most-once; `forced` makes it apply (quorum, a
+                    // dead-letter exchange, reject-publish).
+                    let at_least_once = strategy || forced;
+                    let quorum = quorum || forced;
                     QueueConfig {
                         quorum,
                         message_ttl_ms: ttl,
                         expires_ms: expires,
                         max_length: max_len,
                         max_length_bytes: max_bytes,
-                        overflow,
-                        dead_letter_exchange: (dlx || dl).then(|| "dlx".to_string()),
+                        overflow: if forced {
+                            Overflow::RejectPublish
+                        } else {
+                            overflow
+                        },
+                        dead_letter_exchange: (dlx || dl || forced).then(|| "dlx".to_string()),
                         dead_letter_routing_key: None,
                         delivery_limit: limit,
                         single_active_consumer: sac,
                         // Only classic queues have x-max-priority.
                         max_priority: max_prio.filter(|_| !quorum),
+                        dead_letter_strategy: if at_least_once {
+                            DeadLetterStrategy::AtLeastOnce
+                        } else {
+                            DeadLetterStrategy::AtMostOnce
+                        },
                     }
                 },
             )
@@ -2207,8 +2560,15 @@ mod properties {
                         priority,
                         expiration_ms: expiration,
                     };
+                    // Some enqueues are the shell's own (dead letters from
+                    // another queue), which are never taken for copies.
+                    let owner = if self.seq % 5 == 0 {
+                        SHELL_OWNER
+                    } else {
+                        PUBLISHER
+                    };
                     let confirm = confirm.then_some(ConfirmRef {
-                        owner: 0,
+                        owner,
                         seq: self.seq,
                     });
                     Command::Enqueue {
@@ -2268,6 +2628,17 @@ mod properties {
                 },
                 Op::Purge => Command::Purge,
                 Op::OwnerDown { owner } => Command::OwnerDown { owner, now_ms },
+                Op::DeadLettered { picks } => {
+                    let mut candidates: Vec<MsgId> = q.dead_lettering.keys().copied().collect();
+                    candidates.extend([0, q.next_id]);
+                    candidates.extend(q.unacked.keys().copied());
+                    Command::DeadLettered {
+                        ids: picks
+                            .iter()
+                            .map(|p| candidates[p % candidates.len()])
+                            .collect(),
+                    }
+                }
                 Op::Touch => Command::Touch { now_ms },
                 Op::Tick { advance } => {
                     self.now += advance;
@@ -2322,6 +2693,9 @@ mod properties {
         RefusedDeadLettered,
         /// Discarded by its owner; its dead-letter effect is due.
         Discarding,
+        /// Being dead-lettered at least once: in the queue until reported
+        /// dead-lettered.
+        DeadLettering,
     }
 
     /// An independent account of every message, driven only by the commands
@@ -2362,6 +2736,16 @@ mod properties {
                 Command::Settle { owner, ids } => self.release(*owner, ids, Fate::Settled),
                 Command::Return { owner, ids, .. } => self.release(*owner, ids, Fate::Ready),
                 Command::Discard { owner, ids, .. } => self.release(*owner, ids, Fate::Discarding),
+                Command::DeadLettered { ids } => {
+                    for id in ids {
+                        let Some(&seq) = self.seq_by_id.get(id) else {
+                            continue;
+                        };
+                        if self.fate.get(&seq) == Some(&Fate::DeadLettering) {
+                            self.fate.insert(seq, Fate::DeadLettered);
+                        }
+                    }
+                }
                 Command::OwnerDown { owner, .. } => {
                     for f in self.fate.values_mut() {
                         if *f == Fate::Unacked(*owner) {
@@ -2457,17 +2841,32 @@ mod properties {
                         prop_assert_eq!(*remaining, self.count(Fate::Ready));
                     }
                     Effect::GetEmpty { .. } => prop_assert_eq!(self.count(Fate::Ready), 0),
-                    Effect::DeadLetter { msg, reason } => {
+                    Effect::DeadLetter {
+                        msg,
+                        reason,
+                        settle,
+                    } => {
                         self.note_unconfirmed(cmd, msg, &mut published);
                         let seq = seq_of(msg);
+                        let at_least_once = q.config.dead_letters_at_least_once();
                         let to = match (self.fate.get(&seq), reason) {
                             (Some(Fate::Ready), DeadLetterReason::Expired)
                             | (Some(Fate::Ready), DeadLetterReason::MaxLen)
                             | (Some(Fate::Ready), DeadLetterReason::DeliveryLimit)
                             | (Some(Fate::Discarding), DeadLetterReason::Rejected) => {
-                                Fate::DeadLettered
+                                // At least once, a message that was in the
+                                // queue stays there under its id.
+                                prop_assert_eq!(settle.is_some(), at_least_once, "settle");
+                                if let Some(id) = settle {
+                                    let known = *self.seq_by_id.entry(*id).or_insert(seq);
+                                    prop_assert_eq!(known, seq, "id of a dead letter");
+                                    Fate::DeadLettering
+                                } else {
+                                    Fate::DeadLettered
+                                }
                             }
                             (Some(Fate::Refused), DeadLetterReason::MaxLen) => {
+                                prop_assert!(settle.is_none(), "a refused message has no id");
                                 Fate::RefusedDeadLettered
                             }
                             (f, r) => {
@@ -2481,7 +2880,7 @@ mod properties {
                     Effect::Purged { count } => {
                         prop_assert_eq!(*count, self.count(Fate::Ready));
                         for f in self.fate.values_mut() {
-                            if *f == Fate::Ready {
+                            if *f == Fate::Ready || *f == Fate::DeadLettering {
                                 *f = Fate::Purged;
                             }
                         }
@@ -2504,6 +2903,7 @@ mod properties {
             let c = q.counts();
             prop_assert_eq!(c.ready, self.count(Fate::Ready));
             prop_assert_eq!(c.unacked, self.unacked_count());
+            prop_assert_eq!(c.dead_lettering, self.count(Fate::DeadLettering));
             Ok(())
         }
 
@@ -2544,6 +2944,28 @@ mod properties {
                 .map(|(&s, &f)| (s, f))
                 .collect();
             prop_assert_eq!(unacked, ledger_unacked);
+            // What is being dead-lettered is exactly what the queue would
+            // hand a new leader to dead-letter again.
+            let pending: BTreeMap<u64, MsgId> = q
+                .pending_dead_letters()
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::DeadLetter {
+                        msg,
+                        settle: Some(id),
+                        ..
+                    } => Some((seq_of(msg), *id)),
+                    _ => None,
+                })
+                .collect();
+            let ledger_pending: BTreeMap<u64, MsgId> = self
+                .seq_by_id
+                .iter()
+                .filter(|(_, s)| self.fate.get(s) == Some(&Fate::DeadLettering))
+                .map(|(&id, &s)| (s, id))
+                .collect();
+            prop_assert_eq!(pending.len() as u64, q.counts().dead_lettering);
+            prop_assert_eq!(pending, ledger_pending);
             Ok(())
         }
     }
@@ -2708,6 +3130,44 @@ mod properties {
             }
             ledger.matches(&q)?;
             prop_assert_eq!(ledger.fate.len() as u64, driver.seq);
+        }
+
+        /// Dead-lettering at least once: every dead letter stays in the
+        /// queue, handed out again by `pending_dead_letters`, until a
+        /// `DeadLettered` names it (the ledger checks that nothing else
+        /// removes it), and a replica fed the same log agrees throughout.
+        #[test]
+        fn at_least_once_dead_letters_leave_only_when_reported(
+            config in config(true),
+            ops in vec(op(), 0..120),
+        ) {
+            let config = QueueConfig {
+                quorum: true,
+                overflow: Overflow::RejectPublish,
+                dead_letter_strategy: DeadLetterStrategy::AtLeastOnce,
+                max_priority: None,
+                // A low delivery limit and a TTL, so that returns and time
+                // dead-letter too, not only rejects.
+                delivery_limit: Some(config.delivery_limit.unwrap_or(0)),
+                message_ttl_ms: Some(config.message_ttl_ms.unwrap_or(50)),
+                ..config
+            };
+            prop_assert!(config.dead_letters_at_least_once());
+            let mut q = QueueState::new(config.clone(), T0);
+            let mut replica = QueueState::new(config, T0);
+            let mut driver = Driver::new();
+            let mut ledger = Ledger::default();
+            for op in &ops {
+                let cmd = driver.command(op, &q);
+                ledger.before(&cmd);
+                let fx = q.apply(cmd.clone());
+                prop_assert_eq!(&fx, &replica.apply(cmd.clone()));
+                ledger.after(&cmd, &fx, &q)?;
+            }
+            ledger.matches(&q)?;
+            prop_assert_eq!(ledger.fate.len() as u64, driver.seq);
+            prop_assert_eq!(q.pending_dead_letters(), replica.pending_dead_letters());
+            prop_assert_eq!(q, replica);
         }
 
         /// No consumer ever holds more unacknowledged deliveries than its

@@ -28,7 +28,8 @@ const BATCH: usize = 256;
 /// Requests a runner serves.
 pub enum Request {
     /// Apply a command. `reply` receives the reply effects (get-ok,
-    /// get-empty, purged).
+    /// get-empty, purged), and the confirm of an enqueue, which then goes
+    /// to the caller instead of the channel it names.
     Apply(Command, Option<oneshot::Sender<Vec<Effect>>>),
     /// Register a consumer, refusing it if an exclusive consumer is there or
     /// it asks for exclusivity while others are.
@@ -61,6 +62,9 @@ pub struct QueueStats {
     pub ready_bytes: AtomicU64,
     pub published: AtomicU64,
     pub delivered: AtomicU64,
+    /// Messages being dead-lettered at least once (RabbitMQ's
+    /// `messages_dlx`).
+    pub dead_lettering: AtomicU64,
 }
 
 /// How the rest of the node reaches a queue.
@@ -339,7 +343,14 @@ impl Runner {
                         },
                     );
                 }
-                Effect::DeadLetter { msg, reason } => {
+                Effect::DeadLetter {
+                    msg,
+                    reason,
+                    settle,
+                } => {
+                    // At least once takes a quorum queue, and a node-local
+                    // queue never is one: it dead-letters at most once.
+                    debug_assert!(settle.is_none());
                     self.node.dead_letter(
                         &self.handle.vhost,
                         &self.handle.name,
@@ -416,6 +427,7 @@ impl Runner {
         s.unacked.store(c.unacked, Ordering::Relaxed);
         s.consumers.store(c.consumers, Ordering::Relaxed);
         s.ready_bytes.store(c.ready_bytes, Ordering::Relaxed);
+        s.dead_lettering.store(c.dead_lettering, Ordering::Relaxed);
     }
 
     fn refuse_pending(&self, rx: mpsc::Receiver<Request>) {
