@@ -219,6 +219,18 @@ async fn a_full_restart_with_hundreds_of_idle_queues_resumes_deliveries_at_once(
     }
 }
 
+/// Declares a (transient) fanout exchange.
+async fn fanout(ch: &Channel, name: &str) {
+    ch.exchange_declare(
+        name.into(),
+        lapin::ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
 /// A table of x-arguments from (name, value) pairs.
 fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
@@ -434,14 +446,7 @@ async fn dead_letters_reach_a_queue_on_another_node() {
     let c = Cluster::start(3);
     let conn = connect(&c.uri(0)).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    fanout(&ch, "dlx").await;
     // The dead-letter queue is node-local on node 3.
     let n3 = connect(&c.uri(2)).await;
     let ch3 = n3.create_channel().await.unwrap();
@@ -853,19 +858,6 @@ async fn deliveries_survive_a_flapping_link_between_leader_and_consumer() {
     assert_none_lost(&seen.lock().unwrap(), &confirmed);
 }
 
-/// A number from a queue's entry in node `i`'s `/api/queues`.
-fn queue_number(c: &Cluster, i: usize, queue: &str, field: &str) -> Option<u64> {
-    let (status, body) = c.http(i, "GET", "/api/queues");
-    if status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    v.as_array()?
-        .iter()
-        .find(|q| q["name"] == queue)
-        .and_then(|q| q[field].as_u64())
-}
-
 /// The replicas of a queue, from node `i`'s `/api/queues`.
 fn queue_members(c: &Cluster, i: usize, queue: &str) -> Vec<u64> {
     let (_, body) = c.http(i, "GET", "/api/queues");
@@ -884,7 +876,7 @@ fn queue_members(c: &Cluster, i: usize, queue: &str) -> Vec<u64> {
 async fn wait_dead_lettering(c: &Cluster, i: usize, queue: &str, want: u64, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let seen = queue_number(c, i, queue, "messages_dlx");
+        let seen = c.queue_number(i, queue, "messages_dlx");
         if seen == Some(want) {
             return;
         }
@@ -948,14 +940,7 @@ async fn at_least_once_dead_letters_survive_a_killed_source_leader() {
     let mut c = Cluster::start(3);
     let conn = connect(&c.uri(0)).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "dlx".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    fanout(&ch, "dlx").await;
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -996,7 +981,7 @@ async fn at_least_once_dead_letters_survive_a_killed_source_leader() {
     publish_and_reject(&c.uri(rejecter), "src", 0..N).await;
     // Every rejected message waits in the source for the dead-letter queue.
     wait_dead_lettering(&c, rejecter, "src", N, Duration::from_secs(30)).await;
-    assert_eq!(queue_number(&c, rejecter, "src", "messages_ready"), Some(0));
+    assert_eq!(c.queue_number(rejecter, "src", "messages_ready"), Some(0));
 
     // kill -9 the leader that had them under way, then bring everything
     // back: the next leader dead-letters them again.
@@ -1028,14 +1013,7 @@ async fn at_least_once_dead_letters_wait_for_a_route() {
     let c = Cluster::start(3);
     let conn = connect(&c.uri(0)).await;
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "nowhere".into(),
-        lapin::ExchangeKind::Fanout,
-        ExchangeDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    fanout(&ch, "nowhere").await;
     ch.queue_declare(
         "src".into(),
         QueueDeclareOptions {
@@ -1052,8 +1030,8 @@ async fn at_least_once_dead_letters_wait_for_a_route() {
     // ready nor lost, through more than one retry.
     wait_dead_lettering(&c, 2, "src", N, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
-    assert_eq!(queue_number(&c, 2, "src", "messages_dlx"), Some(N));
-    assert_eq!(queue_number(&c, 2, "src", "messages_ready"), Some(0));
+    assert_eq!(c.queue_number(2, "src", "messages_dlx"), Some(N));
+    assert_eq!(c.queue_number(2, "src", "messages_ready"), Some(0));
 
     // A queue bound to the exchange gets every one of them.
     let n3 = connect(&c.uri(2)).await;

@@ -267,6 +267,18 @@ async fn run(args: RunArgs) -> Result<bool> {
     Ok(outcome.verdict.pass)
 }
 
+/// The harness's runtime: two workers, like the machines it runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("warren-chaos: cannot start the runtime: {e}");
+            ExitCode::from(2)
+        })
+}
+
 fn restart_bench(args: RestartArgs) -> ExitCode {
     let warren = args
         .warren
@@ -281,16 +293,9 @@ fn restart_bench(args: RestartArgs) -> ExitCode {
         dir,
         base_port: args.base_port,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("warren-chaos: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(restart_bench::run(plan)) {
         Ok(summary) => {
@@ -326,16 +331,9 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => args,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("warren-chaos: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(run(args)) {
         Ok(true) => ExitCode::SUCCESS,

@@ -185,6 +185,11 @@ impl Cluster {
 
     /// The leader of a queue as node `i` sees it (from `/api/queues`).
     pub fn queue_leader(&self, i: usize, queue: &str) -> Option<u64> {
+        self.queue_number(i, queue, "leader")
+    }
+
+    /// A number from a queue's entry in node `i`'s `/api/queues`.
+    pub fn queue_number(&self, i: usize, queue: &str, field: &str) -> Option<u64> {
         let (status, body) = self.http(i, "GET", "/api/queues");
         if status != 200 {
             return None;
@@ -193,7 +198,7 @@ impl Cluster {
         v.as_array()?
             .iter()
             .find(|q| q["name"] == queue)
-            .and_then(|q| q["leader"].as_u64())
+            .and_then(|q| q[field].as_u64())
     }
 
     /// Waits until every running node agrees on one leader for `queue` and
