@@ -325,6 +325,10 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
         4,
         "the ack from node 3 settled one"
     );
+    // Every node's admin API shows the queue as its home node counts it.
+    for i in 0..3 {
+        assert_eq!(c.queue_number(i, "transient", "messages_ready"), Some(4));
+    }
     assert_eq!(
         ch3.queue_purge("transient".into(), QueuePurgeOptions::default())
             .await

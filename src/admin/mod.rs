@@ -2,6 +2,7 @@
 //! endpoints shaped like RabbitMQ's management API.
 
 use crate::node::Node;
+use crate::queue::command::QueueCounts;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -132,27 +133,57 @@ async fn overview(State(node): State<Arc<Node>>) -> impl IntoResponse {
     }))
 }
 
+/// How long `/api/queues` waits for the counts of a queue that lives on
+/// another node.
+const REMOTE_COUNTS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn queues(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let list: Vec<_> = node
-        .all_queues()
+    let handles = node.all_queues();
+    // A node-local queue on another node is counted there: its handle here
+    // only forwards. Asked for all at once, each within a bound.
+    let remote = handles.iter().enumerate().filter(|(_, q)| q.home.is_some());
+    let mut asked = tokio::task::JoinSet::new();
+    for (i, q) in remote {
+        let q = q.clone();
+        asked.spawn(async move {
+            let counts = tokio::time::timeout(REMOTE_COUNTS_WAIT, q.counts()).await;
+            (i, counts.ok().flatten())
+        });
+    }
+    let mut counted = std::collections::HashMap::new();
+    while let Some(answer) = asked.join_next().await {
+        if let Ok((i, Some(c))) = answer {
+            counted.insert(i, c);
+        }
+    }
+    let list: Vec<_> = handles
         .iter()
-        .map(|q| {
+        .enumerate()
+        .map(|(i, q)| {
             let s = &q.stats;
-            let ready = s.ready.load(Ordering::Relaxed);
-            let unacked = s.unacked.load(Ordering::Relaxed);
+            let c = counted.get(&i).cloned().unwrap_or_else(|| QueueCounts {
+                ready: s.ready.load(Ordering::Relaxed),
+                unacked: s.unacked.load(Ordering::Relaxed),
+                ready_bytes: s.ready_bytes.load(Ordering::Relaxed),
+                consumers: s.consumers.load(Ordering::Relaxed),
+                dead_lettering: s.dead_lettering.load(Ordering::Relaxed),
+            });
+            let leader = q.group.and_then(|g| node.raft().leader(g));
+            // Where the queue is served: its leader, or its home node.
+            let serving = leader.or(q.home).unwrap_or(node.node_id());
             json!({
                 "name": &*q.name,
                 "vhost": &*q.vhost,
                 "type": if q.config.quorum { "quorum" } else { "classic" },
-                "messages": ready + unacked,
-                "messages_ready": ready,
-                "messages_unacknowledged": unacked,
-                "message_bytes_ready": s.ready_bytes.load(Ordering::Relaxed),
+                "messages": c.ready + c.unacked,
+                "messages_ready": c.ready,
+                "messages_unacknowledged": c.unacked,
+                "message_bytes_ready": c.ready_bytes,
                 // RabbitMQ's name: messages being dead-lettered at least once.
-                "messages_dlx": s.dead_lettering.load(Ordering::Relaxed),
-                "consumers": s.consumers.load(Ordering::Relaxed),
-                "node": format!("warren@{}", node.config.node_id),
-                "leader": q.group.and_then(|g| node.raft().leader(g)),
+                "messages_dlx": c.dead_lettering,
+                "consumers": c.consumers,
+                "node": format!("warren@{serving}"),
+                "leader": leader,
                 "members": node.meta().queue(&q.vhost, &q.name).map(|d| d.placement.replicas.clone()).unwrap_or_default(),
             })
         })
