@@ -1063,3 +1063,51 @@ async fn at_least_once_dead_letters_wait_for_a_route() {
     assert_none_lost(&seen.lock().unwrap(), &want);
     wait_dead_lettering(&c, 0, "src", 0, Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_without_a_prefetch_limit_takes_a_deep_backlog_from_another_node() {
+    const N: u64 = 40_000;
+    let c = Cluster::start(3);
+    let conn = connect(&c.uri(0)).await;
+    let ch = conn.create_channel().await.unwrap();
+    declare(&ch, "deep").await;
+    let leader = c.wait_queue_leader("deep", Duration::from_secs(20)) as usize - 1;
+    let pconn = connect(&c.uri(leader)).await;
+    let pch = pconn.create_channel().await.unwrap();
+    pch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let acked = publish_confirmed(&pch, "deep", 0..N, 2_000)
+        .await
+        .expect("publishing the backlog");
+    assert_eq!(acked.len() as u64, N);
+    // No basic.qos: the queue may deliver the whole backlog at once, more
+    // than the inter-node link's send queue holds.
+    let cconn = connect(&c.uri((leader + 1) % 3)).await;
+    let cch = cconn.create_channel().await.unwrap();
+    let mut consumer = cch
+        .basic_consume(
+            "deep".into(),
+            "greedy".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut got = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while got < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let d = match tokio::time::timeout(left, consumer.next()).await {
+            Ok(Some(Ok(d))) => d,
+            other => panic!("after {got} of {N} deliveries: {other:?}"),
+        };
+        got += 1;
+        if got % 1_000 == 0 || got == N {
+            d.acker
+                .ack(BasicAckOptions { multiple: true })
+                .await
+                .unwrap();
+        }
+    }
+}

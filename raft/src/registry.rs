@@ -702,8 +702,9 @@ impl RaftNode {
 
     /// One-way app message, ordered per peer. Returns false when it was
     /// not handed to a live connection (the peer is not connected, or its
-    /// send queue is full): the caller decides what a message that never
-    /// left means, since nothing else will tell it.
+    /// send queue and the overflow behind it are full): the caller decides
+    /// what a message that never left means, since nothing else will tell
+    /// it.
     #[must_use = "a one-way message may be dropped; the caller must handle that"]
     pub fn send(&self, to: NodeId, msg: Bytes) -> bool {
         if to == self.me {
@@ -713,8 +714,7 @@ impl RaftNode {
             }
             return false;
         }
-        self.transport
-            .send_frame(to, crate::wire::Frame::Message(msg))
+        self.transport.send_message(to, msg)
     }
 
     /// An app request to `to`, answered by its [`AppHandler::on_call`].

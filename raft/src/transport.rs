@@ -47,8 +47,10 @@ use crate::wire::{
 };
 
 /// Frames waiting to be written to one peer; senders of requests wait for
-/// room, one-way messages beyond it are dropped (and logged).
+/// room, one-way messages beyond it wait in the link's overflow.
 pub const QUEUE_DEPTH: usize = 16 * 1024;
+/// Bytes of one-way messages that may wait for room on one link.
+pub const OVERFLOW_BYTES: usize = 128 * 1024 * 1024;
 /// Most bytes one write syscall carries.
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Largest frame accepted before the peer proved the secret.
@@ -106,8 +108,26 @@ pub(crate) struct Link {
     /// Whether a connection to the peer was ever established: the next one
     /// is then a reconnection.
     had_conn: AtomicBool,
-    /// The send queue was found full and has not taken a frame since.
+    /// One-way messages are waiting in the overflow (logged once a spell).
     full: AtomicBool,
+    /// One-way messages waiting for room in a full send queue.
+    overflow: Mutex<Overflow>,
+}
+
+/// One-way messages that found the send queue full. They wait here, in
+/// order, and a drainer task moves them into the queue as it empties, so a
+/// burst (a consumer without a prefetch limit taking a deep backlog) slows
+/// down instead of losing messages. Bounded by [`OVERFLOW_BYTES`]; past it a
+/// message is refused like one to an unconnected peer.
+#[derive(Default)]
+struct Overflow {
+    messages: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+    /// The connection the waiting messages are for; a new connection
+    /// drops them (they are lost with the old one, as its queue is).
+    conn: u64,
+    /// A drainer is running (or about to).
+    draining: bool,
 }
 
 impl Link {
@@ -170,6 +190,7 @@ impl Transport {
                         incarnation: AtomicU64::new(0),
                         had_conn: AtomicBool::new(false),
                         full: AtomicBool::new(false),
+                        overflow: Mutex::new(Overflow::default()),
                     }),
                 )
             })
@@ -214,34 +235,58 @@ impl Transport {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Queues a one-way frame; false (and not sent) if the peer is not
-    /// connected or its queue is full: the caller decides what that means.
+    /// Queues a frame of the node's own (a heartbeat); false (and not sent)
+    /// if the peer is not connected or its queue is full, which a heartbeat
+    /// can afford: any frame is a sign of life.
     pub(crate) fn send_frame(&self, to: NodeId, frame: Frame) -> bool {
+        let Some(conn) = self.links.get(&to).and_then(|l| l.conn()) else {
+            return false;
+        };
+        conn.tx.try_send(frame).is_ok()
+    }
+
+    /// Queues a one-way application message. False when the peer is not
+    /// connected, or its send queue and overflow are both full: the caller
+    /// decides what a message that never left means. A full send queue
+    /// alone is not a refusal: the message waits in the link's overflow.
+    pub(crate) fn send_message(&self, to: NodeId, msg: Bytes) -> bool {
         let Some(link) = self.links.get(&to) else {
             return false;
         };
         let Some(conn) = link.conn() else {
             return false;
         };
-        match conn.tx.try_send(frame) {
-            Ok(()) => {
-                if link.full.load(Ordering::Relaxed) {
-                    link.full.store(false, Ordering::Relaxed);
+        let mut o = lock(&link.overflow);
+        if o.draining {
+            if o.conn != conn.id {
+                // What waited for the old connection is lost with it; a
+                // drainer for the new one takes over from here.
+                o.messages.clear();
+                o.bytes = 0;
+                o.conn = conn.id;
+                tokio::spawn(drain_overflow(link.clone(), conn.clone()));
+            }
+            if o.bytes + msg.len() > OVERFLOW_BYTES {
+                return false;
+            }
+            o.bytes += msg.len();
+            o.messages.push_back(msg);
+            return true;
+        }
+        match conn.tx.try_send(Frame::Message(msg)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(Frame::Message(msg))) => {
+                if !link.full.swap(true, Ordering::Relaxed) {
+                    tracing::info!(peer = to, "send queue full: one-way messages wait for room");
                 }
+                o.bytes = msg.len();
+                o.messages.push_back(msg);
+                o.conn = conn.id;
+                o.draining = true;
+                tokio::spawn(drain_overflow(link.clone(), conn));
                 true
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                // Once per full spell of a link, not once per message: a
-                // stalled peer would otherwise flood the log.
-                if !link.full.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        peer = to,
-                        "send queue full: one-way messages are refused until it drains"
-                    );
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(_) => false,
         }
     }
 
@@ -688,5 +733,42 @@ struct WaiterGuard {
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
         lock(&self.waiters).remove(&self.id);
+    }
+}
+
+/// Moves a link's overflow into its send queue as room appears, in order,
+/// until it is empty or the connection it was for is gone.
+async fn drain_overflow(link: Arc<Link>, conn: Conn) {
+    loop {
+        let next = {
+            let mut o = lock(&link.overflow);
+            if o.conn != conn.id {
+                // Another drainer serves the newer connection.
+                return;
+            }
+            match o.messages.pop_front() {
+                Some(m) => {
+                    o.bytes -= m.len();
+                    m
+                }
+                None => {
+                    o.draining = false;
+                    link.full.store(false, Ordering::Relaxed);
+                    return;
+                }
+            }
+        };
+        if conn.tx.send(Frame::Message(next)).await.is_err() {
+            // The connection closed: what waited is lost with it, like its
+            // queue; the peer-level reactions (resend on reconnection,
+            // returns when the node is declared down) cover both.
+            let mut o = lock(&link.overflow);
+            if o.conn == conn.id {
+                o.messages.clear();
+                o.bytes = 0;
+                o.draining = false;
+            }
+            return;
+        }
     }
 }
