@@ -219,6 +219,19 @@ async fn a_full_restart_with_hundreds_of_idle_queues_resumes_deliveries_at_once(
     }
 }
 
+/// A passive `queue.declare`: the queue's counts, or the channel error.
+async fn passive(ch: &Channel, name: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
 /// Declares a (transient) fanout exchange.
 async fn fanout(ch: &Channel, name: &str) {
     ch.exchange_declare(
@@ -284,16 +297,9 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
     // purges and consumes from it.
     let n2 = connect(&c.uri(1)).await;
     let ch2 = n2.create_channel().await.unwrap();
-    ch2.queue_declare(
-        "transient".into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .expect("passive declare from another node");
+    passive(&ch2, "transient")
+        .await
+        .expect("passive declare from another node");
     for i in 0..5u64 {
         publish_plain(&ch2, "", "transient", b"m", props(i)).await;
     }
@@ -309,17 +315,7 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
         .ack(BasicAckOptions::default())
         .await
         .unwrap();
-    let declared = ch3
-        .queue_declare(
-            "transient".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let declared = passive(&ch3, "transient").await.unwrap();
     assert_eq!(
         declared.message_count(),
         4,
@@ -380,17 +376,7 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
         matches!(end, Ok(None) | Ok(Some(Err(_)))),
         "the consumer ends with the queue: {end:?}"
     );
-    let err = ch2
-        .queue_declare(
-            "transient".into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("gone");
+    let err = passive(&ch2, "transient").await.expect_err("gone");
     assert_eq!(common::reply_code(&err), Some(404));
 }
 
@@ -572,10 +558,6 @@ async fn x_expires_follows_use_from_any_node() {
     let ch2 = n2.create_channel().await.unwrap();
     let n3 = connect(&c.uri(2)).await;
     let ch3 = n3.create_channel().await.unwrap();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
     for (name, durable, kind) in [
         ("exp-classic", false, "classic"),
         ("exp-quorum", true, "quorum"),
@@ -594,7 +576,7 @@ async fn x_expires_follows_use_from_any_node() {
         .await
         .unwrap();
         // Right after the declare, another node finds it.
-        ch2.queue_declare(name.into(), passive, FieldTable::default())
+        passive(&ch2, name)
             .await
             .unwrap_or_else(|e| panic!("{name}: passive declare on node 2: {e}"));
     }
@@ -615,7 +597,7 @@ async fn x_expires_follows_use_from_any_node() {
     let alive_until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < alive_until {
         for name in ["exp-classic", "exp-quorum"] {
-            ch2.queue_declare(name.into(), passive, FieldTable::default())
+            passive(&ch2, name)
                 .await
                 .unwrap_or_else(|e| panic!("{name} expired with a consumer: {e}"));
         }
@@ -634,10 +616,7 @@ async fn x_expires_follows_use_from_any_node() {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let probe = n1.create_channel().await.unwrap();
-            match probe
-                .queue_declare(name.into(), passive, FieldTable::default())
-                .await
-            {
+            match passive(&probe, name).await {
                 Err(e) => {
                     assert_eq!(common::reply_code(&e), Some(404), "{name}: {e}");
                     break;

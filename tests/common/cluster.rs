@@ -33,15 +33,29 @@ pub struct Cluster {
     relayed: Vec<((u16, u16), SocketAddr)>,
     procs: Vec<Option<Child>>,
     logs: Vec<Arc<Mutex<Vec<String>>>>,
+    /// The threads copying each node's stderr into `logs`.
+    readers: Vec<Option<std::thread::JoinHandle<()>>>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     /// Starts `n` nodes and waits until every one serves clients.
+    ///
+    /// Ports are picked free and released before the nodes bind them, so
+    /// another process may take one in between (a parallel test's
+    /// connection): a start where a node finds its address in use is tried
+    /// again on other ports.
     pub fn start(n: usize) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let specs = Self::specs(n, &dir);
-        Cluster::start_relayed(n, specs, dir, Vec::new())
+        for _ in 0..4 {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let specs = Self::specs(n, &dir);
+            match Cluster::try_start(n, specs, dir, Vec::new()) {
+                Ok(c) => return c,
+                Err(log) if log.iter().any(|l| l.contains("Address already in use")) => continue,
+                Err(log) => panic!("a node exited while starting: {log:?}"),
+            }
+        }
+        panic!("the cluster found its ports taken four times in a row");
     }
 
     /// Like [`Cluster::start`], with the link from node `dialer` to node
@@ -74,10 +88,23 @@ impl Cluster {
         dir: tempfile::TempDir,
         relayed: Vec<((u16, u16), SocketAddr)>,
     ) -> Cluster {
+        Cluster::try_start(n, specs, dir, relayed)
+            .unwrap_or_else(|log| panic!("a node exited while starting: {log:?}"))
+    }
+
+    /// Starts every node and waits until each serves; the log of a node
+    /// that exited instead.
+    fn try_start(
+        n: usize,
+        specs: Vec<NodeSpec>,
+        dir: tempfile::TempDir,
+        relayed: Vec<((u16, u16), SocketAddr)>,
+    ) -> Result<Cluster, Vec<String>> {
         let mut c = Cluster {
             relayed,
             procs: (0..n).map(|_| None).collect(),
             logs: (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect(),
+            readers: (0..n).map(|_| None).collect(),
             specs,
             _dir: dir,
         };
@@ -85,9 +112,9 @@ impl Cluster {
             c.spawn(i);
         }
         for i in 0..n {
-            c.wait_ready(i);
+            c.wait_until_ready(i)?;
         }
-        c
+        Ok(c)
     }
 
     /// The peer list node `me` is started with: relayed links point at
@@ -128,25 +155,37 @@ impl Cluster {
             .expect("warren binary starts");
         let stderr = child.stderr.take().unwrap();
         let sink = self.logs[i].clone();
-        std::thread::spawn(move || {
+        self.readers[i] = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
-        });
+        }));
         self.procs[i] = Some(child);
     }
 
     /// Waits (at most 60 s) until node `i` answers its health check.
     pub fn wait_ready(&mut self, i: usize) {
+        if let Err(log) = self.wait_until_ready(i) {
+            panic!("node {} exited: {log:?}", i + 1);
+        }
+    }
+
+    /// [`Cluster::wait_ready`], with the node's log as the error when it
+    /// exits instead.
+    fn wait_until_ready(&mut self, i: usize) -> Result<(), Vec<String>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self.http(i, "GET", "/api/health").0 == 200
                 && TcpStream::connect(self.specs[i].amqp).is_ok()
             {
-                return;
+                return Ok(());
             }
-            if let Some(Ok(Some(status))) = self.procs[i].as_mut().map(|c| c.try_wait()) {
-                panic!("node {} exited ({status}): {:?}", i + 1, self.log(i));
+            if let Some(Ok(Some(_))) = self.procs[i].as_mut().map(|c| c.try_wait()) {
+                self.procs[i] = None;
+                if let Some(reader) = self.readers[i].take() {
+                    let _ = reader.join();
+                }
+                return Err(self.log(i));
             }
             assert!(
                 Instant::now() < deadline,

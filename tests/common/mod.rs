@@ -43,14 +43,33 @@ impl Server {
     }
 
     /// Starts a server with extra flags and environment variables.
+    ///
+    /// Its ports are picked free and released before the server binds them,
+    /// so another process on the machine (a parallel test's connection,
+    /// its ephemeral port) may take one in between: a start that fails
+    /// with "Address already in use" is tried again on other ports.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        for _ in 0..4 {
+            match Server::try_start(extra, env) {
+                Ok(server) => return server,
+                Err(log) if log.iter().any(|l| l.contains("Address already in use")) => continue,
+                Err(log) => panic!("warren exited early: {log:?}"),
+            }
+        }
+        panic!("warren found its ports taken four times in a row");
+    }
+
+    /// One start; the log when the process exits before listening.
+    fn try_start(extra: &[&str], env: &[(&str, &str)]) -> Result<Server, Vec<String>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let amqp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cluster: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .arg("server")
             .args(["--amqp-listen", &amqp.to_string()])
             .args(["--admin-listen", &admin.to_string()])
+            .args(["--cluster-listen", &cluster.to_string()])
             .args(["--data-dir", dir.path().to_str().unwrap()])
             .args(extra)
             .envs(env.iter().copied())
@@ -62,7 +81,7 @@ impl Server {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -72,8 +91,10 @@ impl Server {
             if TcpStream::connect(amqp).is_ok() {
                 break;
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("warren exited early ({status}): {:?}", log.lock().unwrap());
+            if let Ok(Some(_)) = child.try_wait() {
+                // Its stderr is closed: the reader ends with the last line.
+                let _ = reader.join();
+                return Err(log.lock().unwrap().clone());
             }
             assert!(
                 Instant::now() < deadline,
@@ -81,13 +102,13 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Server {
+        Ok(Server {
             amqp,
             admin,
             child,
             _dir: dir,
             log,
-        }
+        })
     }
 
     pub fn uri(&self) -> String {
