@@ -2,15 +2,20 @@
 //! channels that own consumers, and the operations that touch several of
 //! them (declare, delete, dead-lettering).
 //!
-//! Connections and queue runners talk through the node: a queue sends a
-//! delivery to `send_to_owner(owner, …)`, which finds the owning channel's
-//! connection. Nothing here blocks on a socket.
+//! Connections and queues talk through the node: a queue hands a delivery
+//! to `deliver(owner, …)`, which finds the owning channel's connection on
+//! this node or sends it to the channel's node, and says what became of it
+//! (`Handover`), so that no delivery is lost unnoticed. Nothing here blocks
+//! on a socket.
 //!
 //! Definitions are changed through the metadata Raft group: `apply_meta`
-//! proposes, and every node applies the committed command in
-//! `apply_meta_local`, which also starts and stops the queues the command
-//! concerns on this node (a proxy on every node for a replicated queue, its
-//! Raft group on the replicas, a runner on the home node of a node-local one).
+//! proposes, waits until every reachable node has applied the change, and
+//! every node applies the committed command in `apply_meta_local`, which
+//! also starts and stops the queues the command concerns on this node (a
+//! proxy on every node for a replicated queue and its Raft group on the
+//! replicas; for a node-local queue a runner on its home node and a proxy
+//! forwarding to it everywhere else). Groups open and close in one ordered
+//! task (`GroupOp`).
 
 use crate::broker::error::BrokerError;
 use crate::broker::metadata::{ConnId, MetaCommand, MetaOutcome, Metadata, Placement, QueueDef};

@@ -6,13 +6,17 @@
 //!   routing table.
 //! - [`queue_sm`]: a replicated queue's state machine; the leader carries
 //!   out deliveries.
-//! - [`proxy`]: on every node, the task that turns a replicated queue's
-//!   requests into proposals.
+//! - [`proxy`]: on every node, the task that turns a queue's requests into
+//!   proposals (a replicated queue) or calls to its home node (a node-local
+//!   queue on another node).
 //! - [`dead_letter`]: a replicated queue's leader dead-lettering at least
 //!   once.
 //!
-//! This module also answers the one-way messages other nodes send
-//! ([`Handler`]) and reacts to the failure detector's peer events.
+//! This module also answers what other nodes send ([`Handler`]: one-way
+//! deliveries, cancels and direct replies; calls carrying a node-local
+//! queue's operations or waiting for the metadata to be applied) and reacts
+//! to the failure detector's peer events (returns for a node that went
+//! down, resends after a link reconnected, held cancels).
 
 pub mod dead_letter;
 pub mod meta_sm;
@@ -30,7 +34,7 @@ use tokio::sync::oneshot;
 use warren_raft::{AppHandler, NodeId, PeerEvent};
 use wire::{AppCall, AppMsg, OpReply, QueueOp, decode, encode};
 
-/// Receives other nodes' one-way messages.
+/// Receives other nodes' one-way messages and calls.
 pub struct Handler {
     pub node: Weak<Node>,
 }
