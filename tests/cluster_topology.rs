@@ -16,11 +16,17 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A connection to node `i` (from 0) and a channel on it.
+async fn open(c: &Cluster, i: usize) -> (lapin::Connection, Channel) {
+    let conn = connect(&c.uri(i)).await;
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
 /// Declares `n` idle quorum queues, spread over the nodes' connections.
 async fn idle_queues(c: &Cluster, n: usize) {
     for node in 0..3 {
-        let conn = connect(&c.uri(node)).await;
-        let ch = conn.create_channel().await.unwrap();
+        let (conn, ch) = open(c, node).await;
         for k in (node..n).step_by(3) {
             declare(&ch, &format!("idle-{k}")).await;
         }
@@ -51,16 +57,7 @@ async fn keep_publishing(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) && !ids.is_empty() {
         let uri = &uris[attempt % uris.len()];
         attempt += 1;
-        let Ok(Ok(conn)) = tokio::time::timeout(
-            Duration::from_secs(5),
-            lapin::Connection::connect(uri, lapin::ConnectionProperties::default()),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else {
+        let Some((_conn, ch)) = try_open(uri).await else {
             continue;
         };
         if ch
@@ -98,8 +95,7 @@ async fn keep_publishing(
 async fn a_full_restart_with_hundreds_of_idle_queues_resumes_deliveries_at_once() {
     let mut c = Cluster::start(3);
     idle_queues(&c, 240).await;
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (conn, ch) = open(&c, 0).await;
     declare(&ch, "work").await;
     // A deep backlog, as when consumers fell behind.
     ch.confirm_select(ConfirmSelectOptions::default())
@@ -283,8 +279,7 @@ async fn publish_plain(ch: &Channel, exchange: &str, key: &str, body: &[u8], p: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_local_queue_serves_every_operation_from_any_node() {
     let c = Cluster::start(3);
-    let home = connect(&c.uri(0)).await;
-    let hch = home.create_channel().await.unwrap();
+    let (_home, hch) = open(&c, 0).await;
     hch.queue_declare(
         "transient".into(),
         QueueDeclareOptions::default(),
@@ -295,16 +290,14 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
 
     // Node 2 sees it (passive declare) and publishes to it; node 3 gets,
     // purges and consumes from it.
-    let n2 = connect(&c.uri(1)).await;
-    let ch2 = n2.create_channel().await.unwrap();
+    let (_n2, ch2) = open(&c, 1).await;
     passive(&ch2, "transient")
         .await
         .expect("passive declare from another node");
     for i in 0..5u64 {
         publish_plain(&ch2, "", "transient", b"m", props(i)).await;
     }
-    let n3 = connect(&c.uri(2)).await;
-    let ch3 = n3.create_channel().await.unwrap();
+    let (_n3, ch3) = open(&c, 2).await;
     let got = ch3
         .basic_get("transient".into(), BasicGetOptions { no_ack: false })
         .await
@@ -383,8 +376,7 @@ async fn a_node_local_queue_serves_every_operation_from_any_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_reply_to_works_with_client_and_server_on_different_nodes() {
     let c = Cluster::start(3);
-    let server = connect(&c.uri(2)).await;
-    let sch = server.create_channel().await.unwrap();
+    let (_server, sch) = open(&c, 2).await;
     declare(&sch, "rpc").await;
     let mut requests = sch
         .basic_consume(
@@ -395,8 +387,7 @@ async fn direct_reply_to_works_with_client_and_server_on_different_nodes() {
         )
         .await
         .unwrap();
-    let client = connect(&c.uri(0)).await;
-    let cch = client.create_channel().await.unwrap();
+    let (_client, cch) = open(&c, 0).await;
     let mut replies = cch
         .basic_consume(
             "amq.rabbitmq.reply-to".into(),
@@ -434,12 +425,10 @@ async fn direct_reply_to_works_with_client_and_server_on_different_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_reach_a_queue_on_another_node() {
     let c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     fanout(&ch, "dlx").await;
     // The dead-letter queue is node-local on node 3.
-    let n3 = connect(&c.uri(2)).await;
-    let ch3 = n3.create_channel().await.unwrap();
+    let (_n3, ch3) = open(&c, 2).await;
     ch3.queue_declare(
         "dead".into(),
         QueueDeclareOptions::default(),
@@ -493,8 +482,7 @@ async fn dead_letters_reach_a_queue_on_another_node() {
     .unwrap();
 
     // A consumer on node 2 rejects.
-    let n2 = connect(&c.uri(1)).await;
-    let ch2 = n2.create_channel().await.unwrap();
+    let (_n2, ch2) = open(&c, 1).await;
     publish_plain(&ch2, "", "src-reject", b"rejected", props(1)).await;
     let mut rejecter = ch2
         .basic_consume(
@@ -552,12 +540,9 @@ async fn dead_letters_reach_a_queue_on_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_expires_follows_use_from_any_node() {
     let c = Cluster::start(3);
-    let n1 = connect(&c.uri(0)).await;
-    let ch1 = n1.create_channel().await.unwrap();
-    let n2 = connect(&c.uri(1)).await;
-    let ch2 = n2.create_channel().await.unwrap();
-    let n3 = connect(&c.uri(2)).await;
-    let ch3 = n3.create_channel().await.unwrap();
+    let (n1, ch1) = open(&c, 0).await;
+    let (_n2, ch2) = open(&c, 1).await;
+    let (_n3, ch3) = open(&c, 2).await;
     for (name, durable, kind) in [
         ("exp-classic", false, "classic"),
         ("exp-quorum", true, "quorum"),
@@ -634,12 +619,9 @@ async fn x_expires_follows_use_from_any_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_one_node_declares_another_sees_at_once() {
     let c = Cluster::start(3);
-    let n1 = connect(&c.uri(0)).await;
-    let ch1 = n1.create_channel().await.unwrap();
-    let n2 = connect(&c.uri(1)).await;
-    let ch2 = n2.create_channel().await.unwrap();
-    let n3 = connect(&c.uri(2)).await;
-    let ch3 = n3.create_channel().await.unwrap();
+    let (_n1, ch1) = open(&c, 0).await;
+    let (_n2, ch2) = open(&c, 1).await;
+    let (_n3, ch3) = open(&c, 2).await;
     // Each round races a use on nodes 2 and 3 against the metadata
     // reaching them; every use must find what node 1 has just declared.
     for i in 0..20 {
@@ -710,8 +692,7 @@ fn groups_of(c: &Cluster, i: usize) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_queues_stay_deleted_on_a_node_that_restarts() {
     let mut c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     declare(&ch, "kept").await;
     for i in 0..5 {
         declare(&ch, &format!("churn-{i}")).await;
@@ -760,8 +741,7 @@ async fn deleted_queues_stay_deleted_on_a_node_that_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_queues_leaders_spread_over_the_nodes() {
     let c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     for i in 0..30 {
         declare(&ch, &format!("spread-{i}")).await;
     }
@@ -782,8 +762,7 @@ async fn new_queues_leaders_spread_over_the_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_survive_a_flapping_link_between_leader_and_consumer() {
     let (c, cutter) = Cluster::start_with_cutter(3, 1, 2);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     // A queue led by node 1 or 2, so that its deliveries to a consumer on
     // the other one cross the link that is cut.
     let mut queue = None;
@@ -798,8 +777,7 @@ async fn deliveries_survive_a_flapping_link_between_leader_and_consumer() {
     }
     let (queue, leader) = queue.expect("a queue led by node 1 or 2 in ten tries");
     let consumer_node = 1 - leader;
-    let pconn = connect(&c.uri(leader)).await;
-    let pch = pconn.create_channel().await.unwrap();
+    let (_pconn, pch) = open(&c, leader).await;
     pch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -921,8 +899,7 @@ async fn publish_and_reject(uri: &str, queue: &str, ids: std::ops::Range<u64>) {
 async fn at_least_once_dead_letters_survive_a_killed_source_leader() {
     const N: u64 = 100;
     let mut c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (conn, ch) = open(&c, 0).await;
     fanout(&ch, "dlx").await;
     let durable = QueueDeclareOptions {
         durable: true,
@@ -994,8 +971,7 @@ async fn at_least_once_dead_letters_survive_a_killed_source_leader() {
 async fn at_least_once_dead_letters_wait_for_a_route() {
     const N: u64 = 20;
     let c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     fanout(&ch, "nowhere").await;
     ch.queue_declare(
         "src".into(),
@@ -1017,8 +993,7 @@ async fn at_least_once_dead_letters_wait_for_a_route() {
     assert_eq!(c.queue_number(2, "src", "messages_ready"), Some(0));
 
     // A queue bound to the exchange gets every one of them.
-    let n3 = connect(&c.uri(2)).await;
-    let ch3 = n3.create_channel().await.unwrap();
+    let (_n3, ch3) = open(&c, 2).await;
     declare(&ch3, "dead").await;
     ch3.queue_bind(
         "dead".into(),
@@ -1047,12 +1022,10 @@ async fn at_least_once_dead_letters_wait_for_a_route() {
 async fn a_consumer_without_a_prefetch_limit_takes_a_deep_backlog_from_another_node() {
     const N: u64 = 40_000;
     let c = Cluster::start(3);
-    let conn = connect(&c.uri(0)).await;
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = open(&c, 0).await;
     declare(&ch, "deep").await;
     let leader = c.wait_queue_leader("deep", Duration::from_secs(20)) as usize - 1;
-    let pconn = connect(&c.uri(leader)).await;
-    let pch = pconn.create_channel().await.unwrap();
+    let (_pconn, pch) = open(&c, leader).await;
     pch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
@@ -1062,8 +1035,7 @@ async fn a_consumer_without_a_prefetch_limit_takes_a_deep_backlog_from_another_n
     assert_eq!(acked.len() as u64, N);
     // No basic.qos: the queue may deliver the whole backlog at once, more
     // than the inter-node link's send queue holds.
-    let cconn = connect(&c.uri((leader + 1) % 3)).await;
-    let cch = cconn.create_channel().await.unwrap();
+    let (_cconn, cch) = open(&c, (leader + 1) % 3).await;
     let mut consumer = cch
         .basic_consume(
             "deep".into(),

@@ -108,7 +108,9 @@ pub(crate) struct Link {
     /// Whether a connection to the peer was ever established: the next one
     /// is then a reconnection.
     had_conn: AtomicBool,
-    /// One-way messages are waiting in the overflow (logged once a spell).
+    /// One-way messages are waiting in the overflow: mirrors
+    /// `overflow.draining`, so that a send can skip the lock while it is
+    /// false.
     full: AtomicBool,
     /// One-way messages waiting for room in a full send queue.
     overflow: Mutex<Overflow>,
@@ -256,6 +258,17 @@ impl Transport {
         let Some(conn) = link.conn() else {
             return false;
         };
+        // The usual case takes no lock: nothing waits in the overflow, so
+        // the message may go straight into the send queue.
+        let msg = if link.full.load(Ordering::Acquire) {
+            msg
+        } else {
+            match conn.tx.try_send(Frame::Message(msg)) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(Frame::Message(msg))) => msg,
+                Err(_) => return false,
+            }
+        };
         let mut o = lock(&link.overflow);
         if o.draining {
             if o.conn != conn.id {
@@ -273,16 +286,16 @@ impl Transport {
             o.messages.push_back(msg);
             return true;
         }
+        // The drainer finished meanwhile: room may be back.
         match conn.tx.try_send(Frame::Message(msg)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(Frame::Message(msg))) => {
-                if !link.full.swap(true, Ordering::Relaxed) {
-                    tracing::info!(peer = to, "send queue full: one-way messages wait for room");
-                }
+                tracing::debug!(peer = to, "send queue full: one-way messages wait for room");
                 o.bytes = msg.len();
                 o.messages.push_back(msg);
                 o.conn = conn.id;
                 o.draining = true;
+                link.full.store(true, Ordering::Release);
                 tokio::spawn(drain_overflow(link.clone(), conn));
                 true
             }
@@ -753,7 +766,7 @@ async fn drain_overflow(link: Arc<Link>, conn: Conn) {
                 }
                 None => {
                     o.draining = false;
-                    link.full.store(false, Ordering::Relaxed);
+                    link.full.store(false, Ordering::Release);
                     return;
                 }
             }
@@ -767,6 +780,7 @@ async fn drain_overflow(link: Arc<Link>, conn: Conn) {
                 o.messages.clear();
                 o.bytes = 0;
                 o.draining = false;
+                link.full.store(false, Ordering::Release);
             }
             return;
         }

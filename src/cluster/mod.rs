@@ -24,7 +24,7 @@ pub mod proxy;
 pub mod queue_sm;
 pub mod wire;
 
-use crate::node::{ChannelEvent, Node};
+use crate::node::{ChannelEvent, Handover, Node};
 use crate::queue::runner::Request;
 use bytes::Bytes;
 use std::future::Future;
@@ -58,14 +58,10 @@ impl AppHandler for Handler {
                 msg,
                 redelivered,
             } => {
-                let ev = ChannelEvent::Deliver {
-                    queue: queue.clone(),
-                    tag,
-                    id,
-                    msg,
-                    redelivered,
-                };
-                if !node.send_to_owner(owner, ev) {
+                // The owner lives here (the sender routes by its node id),
+                // so the handover is local: a gone channel's messages go back.
+                let handed = node.deliver(owner, &vhost, &queue, tag, id, msg, redelivered);
+                if handed != Handover::Sent {
                     queue_sm::owner_down_later(&node, &vhost, &queue, owner);
                 }
             }

@@ -22,7 +22,7 @@ use crate::queue::command::{Command, Effect, OwnerId};
 use crate::queue::config::QueueConfig;
 use crate::queue::exclusive::Exclusive;
 use crate::queue::fifo::QueueState;
-use crate::queue::runner::{QueueStats, Request, owners_of, with_delivery_count};
+use crate::queue::runner::{QueueStats, Request, hold_cancels, owners_of, with_delivery_count};
 use bytes::Bytes;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -139,11 +139,7 @@ impl QueueSm {
                     // alive: they are told their consumers were cancelled
                     // (once the node is reachable again), so that clients
                     // consume again instead of waiting for nothing.
-                    for (owner, tag) in self.state.consumers() {
-                        if gone.contains(&owner) {
-                            node.cancel_when_reachable(owner, tag);
-                        }
-                    }
+                    hold_cancels(node, &self.state, &gone);
                 }
                 for owner in gone {
                     let cmd = Command::OwnerDown { owner, now_ms };
@@ -160,6 +156,10 @@ impl QueueSm {
     /// the ones that answer the proposer.
     fn carry_out(&mut self, fx: Vec<Effect>, node: Option<&Arc<Node>>) -> Vec<Effect> {
         let mut replies = Vec::new();
+        // Channels a delivery did not reach: gone, or on a node that cannot
+        // be reached now.
+        let mut gone = Vec::new();
+        let mut unreachable = Vec::new();
         for e in fx {
             match e {
                 Effect::Deliver {
@@ -175,22 +175,8 @@ impl QueueSm {
                     let msg = with_delivery_count(&self.config, msg, delivery_count);
                     match node.deliver(owner, &self.vhost, &self.name, tag, id, msg, redelivered) {
                         Handover::Sent => {}
-                        // The channel is gone: its messages go back at once.
-                        Handover::OwnerGone => {
-                            owner_down_later(node, &self.vhost, &self.name, owner)
-                        }
-                        // Its node cannot be reached: the message never left.
-                        // The channel loses its consumers here (told once its
-                        // node is reachable) and its messages go back, so no
-                        // credit is held by deliveries nobody will receive.
-                        Handover::NotSent => {
-                            for (o, tag) in self.state.consumers() {
-                                if o == owner {
-                                    node.cancel_when_reachable(o, tag);
-                                }
-                            }
-                            owner_down_later(node, &self.vhost, &self.name, owner);
-                        }
+                        Handover::OwnerGone => gone.push(owner),
+                        Handover::NotSent => unreachable.push(owner),
                     }
                 }
                 // At least once: carried out (in tasks) once the whole entry
@@ -234,6 +220,21 @@ impl QueueSm {
                 e @ (Effect::Confirm { .. } | Effect::GetEmpty { .. } | Effect::Purged { .. }) => {
                     replies.push(e)
                 }
+            }
+        }
+        if let Some(node) = node {
+            // A gone channel's messages go back at once. A channel whose
+            // node cannot be reached also loses its consumers here (told
+            // once the node is reachable): the message never left, and no
+            // credit may stay held by deliveries nobody will receive.
+            unreachable.sort_unstable();
+            unreachable.dedup();
+            hold_cancels(node, &self.state, &unreachable);
+            gone.extend(unreachable);
+            gone.sort_unstable();
+            gone.dedup();
+            for owner in gone {
+                owner_down_later(node, &self.vhost, &self.name, owner);
             }
         }
         replies

@@ -276,11 +276,7 @@ impl Runner {
                     // The node may only be cut off, its channels alive: they
                     // are told once it is reachable (as a replicated queue
                     // does).
-                    for (owner, tag) in self.state.consumers() {
-                        if gone.contains(&owner) {
-                            self.node.cancel_when_reachable(owner, tag);
-                        }
-                    }
+                    hold_cancels(&self.node, &self.state, &gone);
                 }
                 for owner in gone {
                     let cmd = Command::OwnerDown { owner, now_ms: now };
@@ -394,11 +390,7 @@ impl Runner {
         // held goes back like a gone channel's.
         unreachable.sort_unstable();
         unreachable.dedup();
-        for (owner, tag) in self.state.consumers() {
-            if unreachable.contains(&owner) {
-                self.node.cancel_when_reachable(owner, tag);
-            }
-        }
+        hold_cancels(&self.node, &self.state, &unreachable);
         gone_owners.extend(unreachable);
         // A delivery to a channel that has gone away goes back to the queue
         // at once rather than waiting for the channel's cleanup.
@@ -458,6 +450,20 @@ pub fn with_delivery_count(config: &QueueConfig, msg: Message, count: u32) -> Me
         AMQPValue::LongLongInt(count as i64),
     );
     msg.with_properties(&props.with_headers(headers))
+}
+
+/// Holds a consumer cancellation for every consumer of `owners` in
+/// `state` (their channels may be alive on a node that cannot be reached
+/// now); [`Node::cancel_when_reachable`] sends them once it can be.
+pub fn hold_cancels(node: &Node, state: &QueueState, owners: &[OwnerId]) {
+    if owners.is_empty() {
+        return;
+    }
+    for (owner, tag) in state.consumers() {
+        if owners.contains(&owner) {
+            node.cancel_when_reachable(owner, tag);
+        }
+    }
 }
 
 /// The owners among `owners` that belong to `node` (its id is in the top 16

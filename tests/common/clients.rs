@@ -92,6 +92,23 @@ pub struct Seen {
     pub unmarked_repeats: Vec<u64>,
 }
 
+/// A connection and a channel on `uri`, or None (after a short pause, so
+/// that a caller retrying in a loop does not spin) when the node does not
+/// answer within 5 s.
+pub async fn try_open(uri: &str) -> Option<(Connection, Channel)> {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(uri, ConnectionProperties::default()),
+    )
+    .await;
+    let Ok(Ok(conn)) = conn else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return None;
+    };
+    let ch = conn.create_channel().await.ok()?;
+    Some((conn, ch))
+}
+
 /// Consumes from `queue` on `uri`, acking, until `want` ids are all seen or
 /// `within` passes; reconnects on failure.
 pub async fn consume_until(
@@ -106,16 +123,7 @@ pub async fn consume_until(
     while Instant::now() < deadline {
         let uri = &uris[attempt % uris.len()];
         attempt += 1;
-        let Ok(Ok(conn)) = tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(uri, ConnectionProperties::default()),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let Ok(ch) = conn.create_channel().await else {
+        let Some((conn, ch)) = try_open(uri).await else {
             continue;
         };
         if ch.basic_qos(256, BasicQosOptions::default()).await.is_err() {
