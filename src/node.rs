@@ -217,7 +217,7 @@ pub struct Node {
     group_ops: mpsc::UnboundedSender<GroupOp>,
     /// Consumer cancellations waiting for their node to be reachable, by
     /// node.
-    pending_cancels: std::sync::Mutex<HashMap<u64, Vec<ConsumerRef>>>,
+    pending_cancels: std::sync::Mutex<HashMap<u64, std::collections::BTreeSet<ConsumerRef>>>,
 }
 
 impl Node {
@@ -576,8 +576,8 @@ impl Node {
         // Bounded: a node unreachable for long gets at most this many
         // notices; past that its clients find their channels closed anyway
         // once its connections to the cluster are gone.
-        if list.len() < MAX_HELD_CANCELS && !list.iter().any(|(o, t)| *o == owner && *t == tag) {
-            list.push((owner, tag));
+        if list.len() < MAX_HELD_CANCELS {
+            list.insert((owner, tag));
         }
     }
 
@@ -590,28 +590,27 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&peer)
             .unwrap_or_default();
-        let mut kept = Vec::new();
+        let mut kept = std::collections::BTreeSet::new();
         for (owner, tag) in held {
-            if !kept.is_empty()
-                || !self.raft.send(
+            let sent = kept.is_empty()
+                && self.raft.send(
                     peer,
                     encode(&AppMsg::Cancelled {
                         owner,
                         tag: tag.clone(),
                     }),
-                )
-            {
-                kept.push((owner, tag));
+                );
+            if !sent {
+                kept.insert((owner, tag));
             }
         }
         if !kept.is_empty() {
-            let mut held = self
-                .pending_cancels
+            self.pending_cancels
                 .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let list = held.entry(peer).or_default();
-            kept.append(list);
-            *list = kept;
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(peer)
+                .or_default()
+                .append(&mut kept);
         }
     }
 
